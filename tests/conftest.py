@@ -1,0 +1,186 @@
+"""Shared fixtures: fresh stores in temp dirs, a real mock upstream, a scripted upstream."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from txagg.models import dumps
+from txagg.store import Store
+
+START = 1_700_000_000_000  # a fixed clock anchor (2023-11-14T22:13:20Z) for reproducible data
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "store.db"
+
+
+@pytest.fixture
+def store(db_path: Path):
+    with Store.open(db_path) as opened:
+        yield opened
+
+
+@pytest.fixture
+def start_mock():
+    """Start real mock upstreams (HTTP on loopback, in a thread); all stopped at teardown."""
+    from txagg.mock_server import MockConfig, start_in_thread
+
+    stops = []
+
+    def start(**options):
+        options.setdefault("port", 0)
+        url, stop = start_in_thread(MockConfig(**options))
+        stops.append(stop)
+        return url
+
+    yield start
+    for stop in stops:
+        stop()
+
+
+def record(
+    n: int, user="000001", kind="earned", amount=Decimal("1.5"), at_s=0, base: int = START
+) -> dict:
+    """One upstream record, as JSON-decoded data, with a fixed id per n, at base + at_s."""
+    seconds = base // 1000 + at_s
+    from datetime import datetime, timezone
+
+    moment = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return {
+        "id": f"00000000-0000-4000-8000-{n:012d}",
+        "userId": user,
+        "createdAt": moment,
+        "type": kind,
+        "amount": amount,
+    }
+
+
+class ScriptedUpstream:
+    """A tiny real HTTP server whose /transactions answers come from a script.
+
+    Each script entry is (status, headers, body bytes) or a callable(query) returning one;
+    the last entry repeats. Every request's query string is kept in ``requests``.
+    """
+
+    def __init__(self, script: list):
+        self.script = list(script)
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                query = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
+                outer.requests.append(query)
+                entry = outer.script.pop(0) if len(outer.script) > 1 else outer.script[0]
+                if callable(entry):
+                    entry = entry(query)
+                status, headers, body = entry
+                if status == "reset":
+                    self.connection.close()
+                    return
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def page(items: list, total: int | None = None) -> tuple[int, dict, bytes]:
+    meta = {
+        "totalItems": len(items) if total is None else total,
+        "itemCount": len(items),
+        "itemsPerPage": 1000,
+        "totalPages": 1,
+        "currentPage": 1,
+    }
+    body = dumps({"items": items, "meta": meta}).encode()
+    return 200, {"Content-Type": "application/json"}, body
+
+
+@pytest.fixture
+def scripted() -> Callable[[list], ScriptedUpstream]:
+    servers = []
+
+    def make(script: list) -> ScriptedUpstream:
+        server = ScriptedUpstream(script)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def txagg_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "txagg", *args]
+
+
+def run_txagg(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the real command in a subprocess (stdout is a pipe, so JSON is the default)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        txagg_command(*args), capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+
+
+class MockProcess:
+    """``txagg mock-serve`` in a real subprocess, on a free port."""
+
+    def __init__(self, *args: str):
+        self.process = subprocess.Popen(
+            txagg_command("mock-serve", "--port", "0", *args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        line = self.process.stdout.readline()
+        if "listening on" not in line:
+            self.process.kill()
+            raise RuntimeError(f"mock-serve did not start: {line!r} {self.process.stderr.read()}")
+        self.url = line.rsplit(" ", 1)[1].strip()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture
+def mock_process():
+    processes = []
+
+    def start(*args: str) -> MockProcess:
+        process = MockProcess(*args)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.stop()

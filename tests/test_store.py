@@ -1,0 +1,155 @@
+import sqlite3
+from decimal import Decimal
+
+import pytest
+
+from conftest import record
+from txagg.store import (
+    MIGRATIONS_TABLE,
+    SCHEMA_VERSION,
+    NoStore,
+    NotAStore,
+    Store,
+    StoreTooNew,
+    SyncLocked,
+)
+
+
+def test_a_fresh_store_records_its_migrations(store):
+    rows = store.conn.execute(f"SELECT version, name FROM {MIGRATIONS_TABLE}").fetchall()
+    assert [version for version, _ in rows] == list(range(1, SCHEMA_VERSION + 1))
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_reopening_migrates_nothing_twice(db_path):
+    Store.open(db_path).close()
+    with Store.open(db_path) as again:
+        count = again.conn.execute(f"SELECT count(*) FROM {MIGRATIONS_TABLE}").fetchone()[0]
+        assert count == SCHEMA_VERSION
+
+
+def test_a_newer_store_is_refused_clearly(db_path):
+    Store.open(db_path).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} VALUES (?, 'from the future', 'x')",
+                 (SCHEMA_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreTooNew, match="newer txagg"):
+        Store.open(db_path)
+
+
+def test_files_that_are_not_stores_are_refused(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(NotAStore, match="not a SQLite database"):
+        Store.open(junk)
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE something (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(NotAStore, match="not a txagg store"):
+        Store.open(other)
+    with pytest.raises(NoStore, match="txagg sync"):
+        Store.open(tmp_path / "missing.db", create=False)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_ingest_is_idempotent_and_keeps_totals_exact(store):
+    page = [
+        record(1, amount=Decimal("0.1")),
+        record(2, amount=Decimal("0.2")),
+        record(3, kind="spent", amount=Decimal("0.05")),
+        record(4, kind="payout", amount=Decimal("0.15"), at_s=9),
+    ]
+    first = store.ingest(page)
+    again = store.ingest(page)
+    assert (first.new, first.duplicates, first.new_users) == (4, 0, 1)
+    assert (again.new, again.duplicates) == (0, 4)
+    totals = store.user_totals("000001")
+    assert (totals.earned, totals.spent, totals.payout, totals.tx_count) == (30, 5, 15, 4)
+    assert totals.last_tx_at == 1_700_000_009_000
+    assert store.counters()["transactions"] == 4
+    assert store.counters()["users"] == 1
+
+
+def test_conflicts_keep_the_first_version_and_are_recorded_once(store):
+    store.ingest([record(1, amount=Decimal("10"))])
+    changed = record(1, amount=Decimal("99"))
+    assert store.ingest([changed]).conflicts == 1
+    assert store.ingest([changed]).conflicts == 0  # the same conflict seen again
+    inside_one_page = store.ingest([record(2), record(2, amount=Decimal("3"))])
+    assert (inside_one_page.new, inside_one_page.conflicts) == (1, 1)
+    assert store.user_totals("000001").earned == 1000 + 150
+    assert store.counters()["conflicts"] == 2
+
+
+def test_invalid_records_are_quarantined_with_their_reason_never_counted(store):
+    bad = [record(1, amount=Decimal("-1")), {"id": "x"}, "not even an object"]
+    result = store.ingest(bad + [record(2)])
+    assert (result.new, result.quarantined) == (1, 3)
+    assert store.ingest(bad).quarantined == 0  # the same broken records again: kept once
+    rows = store.conn.execute("SELECT raw, reason, times_seen FROM quarantine").fetchall()
+    reasons = sorted(reason for _, reason, _ in rows)
+    assert reasons == ["amount is not positive", "missing field: userId, createdAt, type, amount",
+                       "record is not a JSON object"]
+    assert all(times == 2 for _, _, times in rows)
+    assert '"amount": -1' in next(raw for raw, reason, _ in rows if "positive" in reason)
+    assert store.user_totals("000001").tx_count == 1
+
+
+def test_rows_totals_and_cursor_change_together_or_not_at_all(store):
+    def exploding_state(result):
+        raise RuntimeError("killed between the rows and the cursor")
+
+    with pytest.raises(RuntimeError):
+        store.ingest([record(1)], state=exploding_state)
+    assert store.user_totals("000001") is None
+    assert store.counters() == {}
+    store.ingest([record(1)], state={"position": 5})
+    assert store.state_value("position") == 5 and store.user_totals("000001").tx_count == 1
+
+
+def test_the_rate_budget_is_shared_by_every_connection(db_path):
+    with Store.open(db_path) as one, Store.open(db_path) as two:
+        now = 1000.0
+        taken = [(one, two)[i % 2].take_token(5, 60, now) for i in range(5)]
+        assert taken == [0.0] * 5
+        assert two.take_token(5, 60, now) == pytest.approx(12.0)
+        assert one.take_token(5, 60, now + 12) == 0.0
+        two.block_until(now + 100)
+        assert one.take_token(5, 60, now + 50) == pytest.approx(50.0, abs=0.01)
+        assert one.counters()["requests"] == 6 and one.counters()["throttled"] == 1
+
+
+def test_only_one_sync_lock_at_a_time(db_path):
+    with Store.open(db_path) as one, Store.open(db_path) as two:
+        with one.sync_lock():
+            with pytest.raises(SyncLocked, match="another sync"):
+                with two.sync_lock():
+                    pass
+        with two.sync_lock():
+            pass
+
+
+def test_window_counts_bracket_either_boundary_rule(store):
+    store.ingest([record(1, at_s=0), record(2, at_s=5), record(3, at_s=10), {"id": "bad"}])
+    start = 1_700_000_000_000
+    assert store.count_window(start, start + 10_000) == (1, 3)
+    assert store.count_window(start + 1, start + 9_999) == (1, 1)
+
+
+def test_payouts_by_user_and_period(store):
+    store.ingest([
+        record(1, user="000002", kind="payout", amount=Decimal("5"), at_s=0),
+        record(2, user="000001", kind="payout", amount=Decimal("2.5"), at_s=10),
+        record(3, user="000001", kind="payout", amount=Decimal("1"), at_s=20),
+        record(4, user="000003", kind="earned", amount=Decimal("1"), at_s=20),
+    ])
+    assert store.payouts() == [("000001", 350, 2), ("000002", 500, 1)]
+    assert store.payouts(limit=1) == [("000001", 350, 2)]
+    assert store.payouts(after="000001") == [("000002", 500, 1)]
+    since = 1_700_000_010_000
+    assert store.payouts(since=since) == [("000001", 350, 2)]
+    assert store.payouts(since=since, until=since + 10_000) == [("000001", 250, 1)]

@@ -1,0 +1,177 @@
+"""Sync against a scripted upstream: throttling, failures, broken bodies, lying meta."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+import pytest
+
+from conftest import START, page, record
+from txagg.store import Store
+from txagg.sync import SyncOptions, UpstreamError, parse_retry_after, sync
+
+
+def options(url: str, **extra) -> SyncOptions:
+    defaults = dict(
+        api_url=url,
+        since=START,
+        settle=0,
+        rate_limit=1000,
+        per=1,
+        backoff_initial=0.01,
+        backoff_max=0.05,
+        retry_for=10,
+        check_every=3600,
+        overlap=0,  # no late-arrival check unless a test asks for one
+    )
+    return SyncOptions(**{**defaults, **extra})
+
+
+def paged(items: list, page_size: int = 1000, total: int | None = None):
+    """An answer function serving ``items`` page by page, whatever the window."""
+
+    def answer(query: dict):
+        number = int(query.get("page", 1))
+        limit = int(query.get("limit", page_size))
+        chunk = items[(number - 1) * limit : number * limit]
+        return page(chunk, len(items) if total is None else total)
+
+    return answer
+
+
+def test_429_retry_after_is_honoured_and_blocks_the_store(scripted, store):
+    items = [record(n) for n in range(3)]
+    server = scripted([(429, {"Retry-After": "1"}, b"{}"), paged(items)])
+    began = time.monotonic()
+    summary = sync(store, options(server.url))
+    assert time.monotonic() - began >= 0.95
+    assert (summary.throttled, summary.new, summary.complete) == (1, 3, True)
+    assert store.counters()["throttled"] == 1
+
+
+def test_retry_after_as_an_http_date():
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 9, now=1445412470) == 10
+    assert parse_retry_after("120", 9) == 120
+    assert parse_retry_after("soon", 9) == 9
+    assert parse_retry_after(None, 9) == 9
+
+
+def test_5xx_resets_truncated_and_non_json_bodies_are_retried(scripted, store):
+    items = [record(n) for n in range(5)]
+    truncated = (200, {"Content-Length": "500", "Content-Type": "application/json"}, b'{"items": [')
+    server = scripted([
+        (503, {}, b"down"),
+        (500, {}, b"oops"),
+        ("reset", {}, b""),
+        truncated,
+        (200, {"Content-Type": "text/html"}, b"<html>gateway</html>"),
+        (200, {}, b'{"no": "items"}'),
+        paged(items),
+    ])
+    summary = sync(store, options(server.url))
+    assert summary.retries == 6
+    assert summary.new == 5 and summary.complete
+    assert store.user_totals("000001").tx_count == 5
+
+
+def test_an_upstream_that_stays_down_gives_a_clear_error(scripted, store):
+    server = scripted([(503, {}, b"down")])
+    with pytest.raises(UpstreamError, match="unavailable .*gave up after 1 s.*HTTP 503"):
+        sync(store, options(server.url, retry_for=1))
+    assert store.state_value("position") is None  # nothing half-done was committed
+
+
+def test_unreachable_upstream(store):
+    with pytest.raises(UpstreamError, match="connection failed"):
+        sync(store, options("http://127.0.0.1:9", retry_for=0.5))
+
+
+def test_a_4xx_is_not_retried(scripted, store):
+    server = scripted([(400, {}, b'{"detail": "bad startDate"}')])
+    with pytest.raises(UpstreamError, match="HTTP 400"):
+        sync(store, options(server.url))
+    assert len(server.requests) == 1
+
+
+def test_invalid_records_are_quarantined_and_sync_goes_on(scripted, store):
+    items = [record(1), record(2, amount=Decimal("0")), {"garbage": True}, record(3)]
+    server = scripted([paged(items)])
+    summary = sync(store, options(server.url))
+    assert (summary.new, summary.quarantined) == (2, 2)
+    assert store.user_totals("000001").tx_count == 2
+    assert store.counters()["quarantined"] == 2
+
+
+def test_meta_never_ends_a_window_pages_do(scripted, store):
+    items = [record(n, at_s=n // 10) for n in range(25)]
+    server = scripted([paged(items, total=3)])  # meta claims 3 items, there are 25
+    summary = sync(store, options(server.url, page_size=10))
+    assert summary.new == 25
+    assert [q["page"] for q in server.requests] == ["1", "2", "3"]
+    assert store.state_value("page") == 1  # the short third page ended the window
+
+
+def test_a_full_last_page_is_followed_by_an_empty_one(scripted, store):
+    items = [record(n) for n in range(20)]
+    server = scripted([paged(items)])
+    summary = sync(store, options(server.url, page_size=10))
+    assert summary.new == 20 and summary.pages == 3
+    assert [q["page"] for q in server.requests] == ["1", "2", "3"]
+
+
+def test_window_bounds_are_fixed_at_start_and_sent_in_the_chosen_format(scripted, store):
+    server = scripted([paged([record(1)])])
+    sync(store, options(server.url, date_format="iso"))
+    first = server.requests[0]
+    assert first["startDate"] == "2023-11-14T22:13:20Z"
+    assert first["endDate"].endswith("Z") and first["limit"] == "1000"
+
+
+def test_the_default_date_format_is_the_real_apis(scripted, tmp_path):
+    server = scripted([paged([record(1)])])
+    with Store.open(tmp_path / "other.db") as other:
+        sync(other, options(server.url))
+    assert server.requests[0]["startDate"] == "2023-11-14 22:13:20"
+
+
+def test_max_requests_bounds_a_run_and_the_next_run_resumes(scripted, store):
+    items = [record(n) for n in range(35)]
+    server = scripted([paged(items)])
+    first = sync(store, options(server.url, page_size=10, max_requests=2))
+    assert (first.requests, first.new, first.complete) == (2, 20, False)
+    assert store.state_value("page") == 3
+    second = sync(store, options(server.url, page_size=10))
+    assert second.new == 15 and second.complete
+    assert server.requests[2]["page"] == "3"  # resumed where the first run stopped
+
+
+def test_late_arrivals_inside_the_overlap_are_found_and_repaired(scripted, store):
+    base = (int(time.time()) - 100) * 1000
+    early = [record(n, at_s=n, base=base) for n in range(0, 40, 2)]
+    server = scripted([paged(early)])
+    sync(store, options(server.url))
+    # createdAt before the position: they show up only after the first run read past them
+    late = [record(n, at_s=n, base=base) for n in range(1, 40, 2)]
+    everything = sorted(early + late, key=lambda r: r["createdAt"])
+
+    def answer(query):
+        limit = int(query["limit"])
+        number = int(query["page"])
+        chunk = everything[(number - 1) * limit : number * limit]
+        return page(chunk, len(everything))
+
+    server.script = [answer]
+    summary = sync(store, options(server.url, check_every=0, overlap=3600))
+    assert summary.checks == 1 and summary.repairs == 1
+    assert store.user_totals("000001").tx_count == 40
+    assert store.state_value("last_check")["repairedTo"] == 40
+
+
+def test_a_lying_count_is_recorded_not_chased_forever(scripted, store):
+    items = [record(n, at_s=n) for n in range(10)]
+    server = scripted([paged(items, total=500)])  # meta always claims 500
+    summary = sync(store, options(server.url, check_every=0, overlap=3600, max_repair_requests=5))
+    assert summary.discrepancies >= 1
+    assert len(server.requests) <= 1 + 1 + 5
+    assert store.state_value("discrepancies")[0]["upstream"] == 500

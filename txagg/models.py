@@ -1,0 +1,285 @@
+"""The transaction schema, money and time: shared by the mock, the client and the docs.
+
+Money is integer cents everywhere inside txagg. Amounts arrive as JSON numbers in SCR and
+leave as JSON numbers in SCR, always the exact decimal value (``57.6``, never float noise).
+Instants are integer milliseconds since the Unix epoch, UTC.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+
+TYPES = ("earned", "spent", "payout")
+FIELDS = ("id", "userId", "createdAt", "type", "amount")
+
+MAX_ID_LENGTH = 128
+MAX_USER_ID_LENGTH = 64
+MAX_AMOUNT_CENTS = 10**13  # 100 billion SCR: anything larger is a broken record, not a payment
+MIN_INSTANT_MS = 0  # 1970-01-01
+MAX_INSTANT_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+
+UTC = UTC
+
+
+class InvalidRecord(ValueError):
+    """A record that breaks the transaction schema; ``reason`` says how."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    id: str
+    user_id: str
+    created_at: int  # ms since epoch, UTC
+    type: str
+    amount: int  # cents, > 0
+
+    def to_record(self) -> dict:
+        """The upstream's JSON object for this transaction (amount as an exact Decimal)."""
+        return {
+            "id": self.id,
+            "userId": self.user_id,
+            "createdAt": format_timestamp(self.created_at),
+            "type": self.type,
+            "amount": cents_to_decimal(self.amount),
+        }
+
+    def to_json(self) -> str:
+        """The record as compact JSON text, as the upstream sends it."""
+        return (
+            f'{{"id":{json.dumps(self.id)},"userId":{json.dumps(self.user_id)},'
+            f'"createdAt":"{format_timestamp(self.created_at)}","type":"{self.type}",'
+            f'"amount":{format_cents(self.amount)}}}'
+        )
+
+
+# ---------------------------------------------------------------- money
+
+
+def format_cents(cents: int) -> str:
+    """Integer cents as the shortest exact decimal: 5760 -> '57.6', 1200 -> '12'."""
+    sign = "-" if cents < 0 else ""
+    whole, frac = divmod(abs(cents), 100)
+    if frac == 0:
+        return f"{sign}{whole}"
+    if frac % 10 == 0:
+        return f"{sign}{whole}.{frac // 10}"
+    return f"{sign}{whole}.{frac:02d}"
+
+
+def cents_to_decimal(cents: int) -> Decimal:
+    return Decimal(format_cents(cents))
+
+
+def decimal_to_cents(value: Decimal) -> int:
+    """An exact amount with at most two decimals as cents; ValueError otherwise."""
+    scaled = value * 100
+    if scaled != scaled.to_integral_value():
+        raise ValueError("more than 2 decimal places")
+    return int(scaled)
+
+
+def parse_amount(value: object) -> int:
+    """A positive JSON amount (int or Decimal, as json.loads(parse_float=Decimal) gives it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal, float)):
+        raise InvalidRecord("amount is not a number")
+    if isinstance(value, float):
+        # Library callers may hand us floats; their shortest repr is the number they meant.
+        value = Decimal(repr(value))
+    if isinstance(value, Decimal) and not value.is_finite():
+        raise InvalidRecord("amount is not a finite number")
+    if value <= 0:
+        raise InvalidRecord("amount is not positive")
+    try:
+        cents = value * 100 if isinstance(value, int) else decimal_to_cents(value)
+    except (ValueError, InvalidOperation):
+        raise InvalidRecord("amount has more than 2 decimal places") from None
+    if cents > MAX_AMOUNT_CENTS:
+        raise InvalidRecord("amount is absurdly large")
+    return cents
+
+
+def format_decimal(value: Decimal) -> str:
+    """A Decimal as a plain JSON number without exponent or trailing zeros."""
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+# ---------------------------------------------------------------- time
+
+
+def format_timestamp(ms: int) -> str:
+    """Milliseconds since the epoch as the upstream writes createdAt: 2023-03-16T12:33:11.000Z."""
+    seconds, millis = divmod(ms, 1000)
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{millis:03d}Z"
+
+
+def format_instant(ms: int) -> str:
+    """An instant to the second, as asOf is written: 2023-03-16T12:35:00Z."""
+    return datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_query_time(ms: int, date_format: str = "sql") -> str:
+    """A window bound as the client sends it: 'sql' (YYYY-MM-DD HH:MM:SS) or 'iso'."""
+    moment = datetime.fromtimestamp(ms // 1000, UTC)
+    if date_format == "iso":
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def parse_time(text: str) -> int:
+    """An instant given as 'YYYY-MM-DD HH:MM:SS', 'YYYY-MM-DD' or ISO 8601; UTC unless it says.
+
+    Raises ValueError with a readable message.
+    """
+    if not isinstance(text, str) or not text.strip() or len(text) > 40:
+        raise ValueError(f"not a date/time: {text!r}")
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"not a date/time: {text!r} (use 'YYYY-MM-DD HH:MM:SS' or ISO 8601)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return _to_ms(moment)
+
+
+def _to_ms(moment: datetime) -> int:
+    delta = moment - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_created_at(value: object) -> int:
+    if not isinstance(value, str) or len(value) > 40:
+        raise InvalidRecord("createdAt is not a date string")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRecord("createdAt is not a parseable date") from None
+    if moment.tzinfo is None:
+        raise InvalidRecord("createdAt has no time zone")
+    ms = _to_ms(moment)
+    if not MIN_INSTANT_MS <= ms <= MAX_INSTANT_MS:
+        raise InvalidRecord("createdAt is out of range")
+    return ms
+
+
+# ---------------------------------------------------------------- records
+
+
+def _text_field(record: dict, name: str, max_length: int) -> str:
+    value = record[name]
+    if not isinstance(value, str) or not value:
+        raise InvalidRecord(f"{name} is not a non-empty string")
+    if len(value) > max_length:
+        raise InvalidRecord(f"{name} is longer than {max_length} characters")
+    return value
+
+
+def parse_transaction(record: object) -> Transaction:
+    """Validate one upstream record; raise InvalidRecord saying how it breaks the schema."""
+    if not isinstance(record, dict):
+        raise InvalidRecord("record is not a JSON object")
+    missing = [name for name in FIELDS if name not in record]
+    if missing:
+        raise InvalidRecord("missing field: " + ", ".join(missing))
+    kind = record["type"]
+    if kind not in TYPES:
+        raise InvalidRecord(f"unknown type: {str(kind)[:40]!r}")
+    return Transaction(
+        id=_text_field(record, "id", MAX_ID_LENGTH),
+        user_id=_text_field(record, "userId", MAX_USER_ID_LENGTH),
+        created_at=parse_created_at(record["createdAt"]),
+        type=kind,
+        amount=parse_amount(record["amount"]),
+    )
+
+
+def loads(text: str | bytes) -> object:
+    """Parse JSON keeping every non-integer number as an exact Decimal."""
+    return json.loads(text, parse_float=Decimal)
+
+
+def dumps(value: object) -> str:
+    """JSON text with Decimals written as exact numbers (57.6, never 57.599999999999994)."""
+    if isinstance(value, dict):
+        return (
+            "{"
+            + ", ".join(f"{json.dumps(str(key))}: {dumps(item)}" for key, item in value.items())
+            + "}"
+        )
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(dumps(item) for item in value) + "]"
+    if isinstance(value, Decimal):
+        return format_decimal(value)
+    if isinstance(value, float):
+        raise TypeError("binary floats are not allowed in txagg output; use Decimal")
+    return json.dumps(value)
+
+
+# ---------------------------------------------------------------- OpenAPI schema pieces
+
+TRANSACTION_SCHEMA = {
+    "type": "object",
+    "required": list(FIELDS),
+    "properties": {
+        "id": {"type": "string", "example": "41bbdf81-735c-4aea-beb3-3e5f433a30c5"},
+        "userId": {"type": "string", "example": "074092"},
+        "createdAt": {
+            "type": "string",
+            "format": "date-time",
+            "example": "2023-03-16T12:33:11.000Z",
+        },
+        "type": {"type": "string", "enum": list(TYPES)},
+        "amount": {"type": "number", "exclusiveMinimum": 0, "multipleOf": 0.01, "example": 30},
+    },
+}
+
+MONEY_SCHEMA = {"type": "number", "description": "SCR, exact decimal with at most 2 places"}
+
+USER_REPORT_SCHEMA = {
+    "type": "object",
+    "required": [
+        "userId",
+        "balance",
+        "earned",
+        "spent",
+        "payout",
+        "paidOut",
+        "transactions",
+        "lastTransactionAt",
+        "asOf",
+    ],
+    "properties": {
+        "userId": {"type": "string"},
+        "balance": MONEY_SCHEMA,
+        "earned": MONEY_SCHEMA,
+        "spent": MONEY_SCHEMA,
+        "payout": MONEY_SCHEMA,
+        "paidOut": {"type": "number", "description": "payout converted to EUR"},
+        "transactions": {"type": "integer", "minimum": 0},
+        "lastTransactionAt": {"type": ["string", "null"], "format": "date-time"},
+        "asOf": {"type": ["string", "null"], "format": "date-time"},
+    },
+}
+
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+    },
+}

@@ -1,0 +1,118 @@
+"""The answers txagg gives, as plain data shared by the CLI and the HTTP API.
+
+Money leaves here as exact Decimals; ``models.dumps`` writes them as JSON numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from .models import cents_to_decimal, format_instant, format_timestamp
+from .store import Store
+
+DEFAULT_EUR_PER_SCR = Decimal(1)
+STALE_AFTER_SECONDS = 120  # the freshness promise: never more than 2 minutes behind
+CENT = Decimal("0.01")
+
+
+class UnknownUser(LookupError):
+    def __init__(self, user_id: str):
+        super().__init__(f"no such user: {user_id}")
+        self.user_id = user_id
+
+
+def as_of_ms(store: Store) -> int | None:
+    """The instant up to which the store is known complete (None before the first sync)."""
+    return store.state_value("as_of")
+
+
+def _as_of_text(store: Store) -> str | None:
+    as_of = as_of_ms(store)
+    return None if as_of is None else format_instant(as_of)
+
+
+def to_eur(payout_cents: int, eur_per_scr: Decimal = DEFAULT_EUR_PER_SCR) -> Decimal:
+    return (
+        (cents_to_decimal(payout_cents) * eur_per_scr).quantize(CENT, ROUND_HALF_EVEN).normalize()
+    )
+
+
+def user_report(store: Store, user_id: str, eur_per_scr: Decimal = DEFAULT_EUR_PER_SCR) -> dict:
+    """One user's aggregates, the body of ``report --json`` and ``GET /users/{id}``."""
+    totals = store.user_totals(user_id)
+    if totals is None:
+        raise UnknownUser(user_id)
+    return {
+        "userId": totals.user_id,
+        "balance": cents_to_decimal(totals.earned - totals.spent - totals.payout),
+        "earned": cents_to_decimal(totals.earned),
+        "spent": cents_to_decimal(totals.spent),
+        "payout": cents_to_decimal(totals.payout),
+        "paidOut": to_eur(totals.payout, eur_per_scr),
+        "transactions": totals.tx_count,
+        "lastTransactionAt": format_timestamp(totals.last_tx_at),
+        "asOf": _as_of_text(store),
+    }
+
+
+def payouts_report(
+    store: Store,
+    *,
+    since: int | None = None,
+    until: int | None = None,
+    after: str | None = None,
+    limit: int | None = None,
+) -> dict:
+    """The requested payouts per user, ordered by user id (the body of ``payouts --json``)."""
+    rows = store.payouts(since=since, until=until, after=after, limit=limit)
+    return {
+        "items": [
+            {"userId": user_id, "amount": cents_to_decimal(amount), "count": count}
+            for user_id, amount, count in rows
+        ],
+        "asOf": _as_of_text(store),
+    }
+
+
+def status_report(
+    store: Store, *, rate: int = 5, per: float = 60.0, now: float | None = None
+) -> dict:
+    """Where sync stands: position, lag, counts, quarantine, conflicts and the rate budget."""
+    now = time.time() if now is None else now
+    state = store.state()
+    counters = store.counters()
+    as_of = state.get("as_of")
+    lag = None if as_of is None else max(0, int(now - as_of / 1000))
+    budget = store.budget(rate, per, now)
+    last_run = state.get("last_run") or {}
+    return {
+        "store": str(store.path),
+        "position": _instant(state.get("position")),
+        "asOf": _instant(as_of),
+        "lagSeconds": lag,
+        "behind": lag is None or lag > STALE_AFTER_SECONDS,
+        "window": {
+            "start": _instant(state.get("window_start")),
+            "nextPage": state.get("page"),
+        },
+        "transactions": counters.get("transactions", 0),
+        "users": counters.get("users", 0),
+        "quarantined": counters.get("quarantined", 0),
+        "conflicts": counters.get("conflicts", 0),
+        "discrepancies": state.get("discrepancies", []),
+        "lastCheck": state.get("last_check"),
+        "lastRun": last_run,
+        "rateBudget": {
+            "limit": rate,
+            "perSeconds": Decimal(str(per)),
+            "tokensAvailable": Decimal(f"{budget['tokens']:.2f}"),
+            "blockedForSeconds": Decimal(f"{budget['blockedFor']:.1f}"),
+            "requests": counters.get("requests", 0),
+            "throttled": counters.get("throttled", 0),
+        },
+    }
+
+
+def _instant(ms: int | None) -> str | None:
+    return None if ms is None else format_instant(ms)

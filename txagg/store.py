@@ -1,0 +1,583 @@
+"""The store: one SQLite file (WAL) holding transactions, per-user totals, sync state and the
+shared rate budget.
+
+Every change that belongs together (new rows, the totals they move, the sync cursor) is written
+in one database transaction, so a process killed at any instant leaves either all or nothing.
+The SQL in the hot paths is the portable subset (``INSERT ... ON CONFLICT``, no ``REPLACE``,
+no SQLite-only functions) so that a PostgreSQL backend can share it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .models import InvalidRecord, Transaction, dumps, parse_created_at, parse_transaction
+
+MIGRATIONS_TABLE = "txagg_migrations"
+
+
+class StoreError(Exception):
+    """A store that cannot be used; the message says why and what to do."""
+
+
+class StoreTooNew(StoreError):
+    pass
+
+
+class NotAStore(StoreError):
+    pass
+
+
+class NoStore(StoreError):
+    pass
+
+
+class SyncLocked(StoreError):
+    """Another sync holds this store."""
+
+
+# Each migration is (version, name, statements). Never edit a released one: add the next.
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "initial schema",
+        [
+            """CREATE TABLE transactions (
+                id TEXT PRIMARY KEY,
+                user_id TEXT NOT NULL,
+                created_at INTEGER NOT NULL,
+                type TEXT NOT NULL,
+                amount INTEGER NOT NULL
+            ) WITHOUT ROWID""",
+            "CREATE INDEX transactions_created_at ON transactions (created_at)",
+            "CREATE INDEX transactions_payouts ON transactions (type, created_at, user_id, amount)",
+            """CREATE TABLE users (
+                user_id TEXT PRIMARY KEY,
+                earned INTEGER NOT NULL,
+                spent INTEGER NOT NULL,
+                payout INTEGER NOT NULL,
+                tx_count INTEGER NOT NULL,
+                payout_count INTEGER NOT NULL,
+                last_tx_at INTEGER NOT NULL
+            ) WITHOUT ROWID""",
+            """CREATE TABLE quarantine (
+                key TEXT PRIMARY KEY,
+                raw TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                created_at INTEGER,
+                first_seen INTEGER NOT NULL,
+                times_seen INTEGER NOT NULL
+            )""",
+            """CREATE TABLE conflicts (
+                key TEXT PRIMARY KEY,
+                tx_id TEXT NOT NULL,
+                raw TEXT NOT NULL,
+                created_at INTEGER,
+                first_seen INTEGER NOT NULL
+            )""",
+            "CREATE TABLE sync_state (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+            """CREATE TABLE rate_budget (
+                name TEXT PRIMARY KEY,
+                tokens REAL NOT NULL,
+                updated_at REAL NOT NULL,
+                blocked_until REAL NOT NULL
+            )""",
+        ],
+    ),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+@dataclass
+class IngestResult:
+    new: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    conflicts: int = 0
+    new_users: int = 0
+    max_created_at: int | None = None
+
+    def add(self, other: IngestResult) -> None:
+        self.new += other.new
+        self.duplicates += other.duplicates
+        self.quarantined += other.quarantined
+        self.conflicts += other.conflicts
+        self.new_users += other.new_users
+
+
+@dataclass
+class UserTotals:
+    user_id: str
+    earned: int
+    spent: int
+    payout: int
+    tx_count: int
+    payout_count: int
+    last_tx_at: int
+
+
+def default_db_path() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return Path(base) / "txagg" / "txagg.db"
+
+
+def _record_key(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def _raw_text(record: object) -> str:
+    try:
+        return dumps(record)
+    except (TypeError, ValueError):
+        return repr(record)
+
+
+class Store:
+    """A txagg store in one SQLite file. Open with ``Store.open(path)``."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self.conn = conn
+        self.path = path
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, create: bool = True) -> Store:
+        path = Path(path)
+        if not create and not path.exists():
+            raise NoStore(f"no store at {path}: run 'txagg sync' first (or pass --db)")
+        if create:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise StoreError(
+                    f"cannot create the store's folder {path.parent}: {error}"
+                ) from None
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot open the store {path}: {error}") from None
+        store = cls(conn, path)
+        try:
+            store._prepare(create)
+        except sqlite3.DatabaseError as error:
+            conn.close()
+            if "not a database" in str(error) or "malformed" in str(error):
+                raise NotAStore(f"{path} is not a txagg store (not a SQLite database)") from None
+            raise StoreError(f"cannot open the store {path}: {error}") from None
+        except StoreError:
+            conn.close()
+            raise
+        return store
+
+    def _prepare(self, create: bool) -> None:
+        version = self._schema_version()
+        if version > SCHEMA_VERSION:
+            raise StoreTooNew(
+                f"the store {self.path} has schema version {version}, written by a newer txagg; "
+                f"this txagg knows up to version {SCHEMA_VERSION}: upgrade txagg"
+            )
+        if version < SCHEMA_VERSION:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self._migrate(version)
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+
+    def _schema_version(self) -> int:
+        try:
+            row = self.conn.execute(f"SELECT max(version) FROM {MIGRATIONS_TABLE}").fetchone()
+        except sqlite3.OperationalError as error:
+            if "no such table" not in str(error):
+                raise
+            tables = self.conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+            ).fetchone()[0]
+            if tables:
+                raise NotAStore(f"{self.path} is a SQLite database but not a txagg store") from None
+            return 0
+        return row[0] or 0
+
+    def _migrate(self, current: int) -> None:
+        with self.transaction():
+            self.conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} "
+                "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            current = self.conn.execute(
+                f"SELECT coalesce(max(version), 0) FROM {MIGRATIONS_TABLE}"
+            ).fetchone()[0]
+            for version, name, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    self.conn.execute(statement)
+                self.conn.execute(
+                    f"INSERT INTO {MIGRATIONS_TABLE} (version, name, applied_at) VALUES (?, ?, ?)",
+                    (version, name, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+                )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    @contextmanager
+    def sync_lock(self) -> Iterator[None]:
+        """Hold the store's sync lock; raise SyncLocked at once if another process holds it.
+
+        An OS file lock: the kernel releases it when the holder dies, even by kill -9.
+        """
+        lock_path = self.path.with_name(self.path.name + ".sync-lock")
+        handle = open(lock_path, "a+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SyncLocked(
+                    f"another sync is working on {self.path}; try again later"
+                ) from None
+            yield
+        finally:
+            handle.close()
+
+    # ------------------------------------------------------------ ingest
+
+    def ingest(
+        self,
+        records: Iterable[object],
+        *,
+        state: dict[str, object] | Callable[[IngestResult], dict[str, object]] | None = None,
+        now_ms: int | None = None,
+    ) -> IngestResult:
+        """Store one page of upstream records and, in the same transaction, the sync state.
+
+        ``state`` may be a function of the result, for a cursor that depends on what was read.
+
+        Valid new transactions are inserted and added to their users' totals; known ids are
+        duplicates (or conflicts when the content differs); invalid records go to quarantine.
+        """
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        valid: dict[str, Transaction] = {}
+        repeated: list[tuple[Transaction, object]] = []
+        invalid: list[tuple[object, str]] = []
+        raw_by_id: dict[str, object] = {}
+        for record in records:
+            try:
+                tx = parse_transaction(record)
+            except InvalidRecord as error:
+                invalid.append((record, error.reason))
+                continue
+            if tx.id in valid:
+                repeated.append((tx, record))
+            else:
+                valid[tx.id] = tx
+                raw_by_id[tx.id] = record
+        result = IngestResult()
+        if valid:
+            result.max_created_at = max(tx.created_at for tx in valid.values())
+        with self.transaction() as conn:
+            known = self._known_transactions(conn, list(valid))
+            new = [tx for tx in valid.values() if tx.id not in known]
+            result.duplicates = len(valid) - len(new)
+            for tx in valid.values():
+                if tx.id in known and known[tx.id] != tx:
+                    result.conflicts += self._record_conflict(conn, tx, raw_by_id[tx.id], now_ms)
+            for tx, record in repeated:
+                first = known.get(tx.id) or valid[tx.id]
+                if first == tx:
+                    result.duplicates += 1
+                else:
+                    result.conflicts += self._record_conflict(conn, tx, record, now_ms)
+            if new:
+                result.new_users = self._insert_new(conn, new)
+                result.new = len(new)
+            for record, reason in invalid:
+                result.quarantined += self._quarantine(conn, record, reason, now_ms)
+            self._bump(
+                conn,
+                transactions=result.new,
+                users=result.new_users,
+                quarantined=result.quarantined,
+                conflicts=result.conflicts,
+            )
+            if callable(state):
+                state = state(result)
+            if state:
+                self._put_state(conn, state)
+        return result
+
+    @staticmethod
+    def _known_transactions(conn: sqlite3.Connection, ids: list[str]) -> dict[str, Transaction]:
+        known: dict[str, Transaction] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in conn.execute(
+                "SELECT id, user_id, created_at, type, amount FROM transactions "
+                f"WHERE id IN ({marks})",
+                chunk,
+            ):
+                known[row[0]] = Transaction(*row)
+        return known
+
+    @staticmethod
+    def _insert_new(conn: sqlite3.Connection, new: list[Transaction]) -> int:
+        conn.executemany(
+            "INSERT INTO transactions (id, user_id, created_at, type, amount) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            [(tx.id, tx.user_id, tx.created_at, tx.type, tx.amount) for tx in new],
+        )
+        deltas: dict[str, list[int]] = {}
+        for tx in new:
+            d = deltas.get(tx.user_id)
+            if d is None:
+                # earned, spent, payout, tx_count, payout_count, last_tx_at
+                d = deltas[tx.user_id] = [0, 0, 0, 0, 0, tx.created_at]
+            if tx.type == "earned":
+                d[0] += tx.amount
+            elif tx.type == "spent":
+                d[1] += tx.amount
+            else:
+                d[2] += tx.amount
+                d[4] += 1
+            d[3] += 1
+            if tx.created_at > d[5]:
+                d[5] = tx.created_at
+        user_ids = list(deltas)
+        existing = 0
+        for start in range(0, len(user_ids), 500):
+            chunk = user_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            existing += conn.execute(
+                f"SELECT count(*) FROM users WHERE user_id IN ({marks})", chunk
+            ).fetchone()[0]
+        conn.executemany(
+            "INSERT INTO users "
+            "(user_id, earned, spent, payout, tx_count, payout_count, last_tx_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET "
+            "earned = users.earned + excluded.earned, "
+            "spent = users.spent + excluded.spent, "
+            "payout = users.payout + excluded.payout, "
+            "tx_count = users.tx_count + excluded.tx_count, "
+            "payout_count = users.payout_count + excluded.payout_count, "
+            "last_tx_at = CASE WHEN excluded.last_tx_at > users.last_tx_at "
+            "THEN excluded.last_tx_at ELSE users.last_tx_at END",
+            [(user_id, *d) for user_id, d in deltas.items()],
+        )
+        return len(user_ids) - existing
+
+    @staticmethod
+    def _quarantine(conn: sqlite3.Connection, record: object, reason: str, now_ms: int) -> int:
+        raw = _raw_text(record)
+        created_at = None
+        if isinstance(record, dict):
+            try:
+                created_at = parse_created_at(record.get("createdAt"))
+            except InvalidRecord:
+                pass
+        cursor = conn.execute(
+            "INSERT INTO quarantine (key, raw, reason, created_at, first_seen, times_seen) "
+            "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT (key) DO UPDATE SET "
+            "times_seen = quarantine.times_seen + 1 RETURNING times_seen",
+            (_record_key(raw), raw, reason, created_at, now_ms),
+        )
+        return 1 if cursor.fetchone()[0] == 1 else 0
+
+    @staticmethod
+    def _record_conflict(
+        conn: sqlite3.Connection, tx: Transaction, record: object, now_ms: int
+    ) -> int:
+        raw = _raw_text(record)
+        cursor = conn.execute(
+            "INSERT INTO conflicts (key, tx_id, raw, created_at, first_seen) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+            (_record_key(tx.id, raw), tx.id, raw, tx.created_at, now_ms),
+        )
+        return cursor.rowcount
+
+    @staticmethod
+    def _bump(conn: sqlite3.Connection, **amounts: int) -> None:
+        rows = [(name, value) for name, value in amounts.items() if value]
+        if rows:
+            conn.executemany(
+                "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) "
+                "DO UPDATE SET value = counters.value + excluded.value",
+                rows,
+            )
+
+    def bump(self, **amounts: int) -> None:
+        with self.transaction() as conn:
+            self._bump(conn, **amounts)
+
+    # ------------------------------------------------------------ sync state
+
+    @staticmethod
+    def _put_state(conn: sqlite3.Connection, state: dict[str, object]) -> None:
+        conn.executemany(
+            "INSERT INTO sync_state (name, value) VALUES (?, ?) ON CONFLICT (name) "
+            "DO UPDATE SET value = excluded.value",
+            [(name, json.dumps(value)) for name, value in state.items()],
+        )
+
+    def put_state(self, **state: object) -> None:
+        with self.transaction() as conn:
+            self._put_state(conn, state)
+
+    def state(self) -> dict[str, object]:
+        return {
+            name: json.loads(value)
+            for name, value in self.conn.execute("SELECT name, value FROM sync_state")
+        }
+
+    def state_value(self, name: str, default: object = None) -> object:
+        row = self.conn.execute("SELECT value FROM sync_state WHERE name = ?", (name,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT name, value FROM counters"))
+
+    # ------------------------------------------------------------ the shared rate budget
+
+    def take_token(self, rate: int, per: float, now: float | None = None) -> float:
+        """Take one request token from the budget every process on this store shares.
+
+        Returns 0.0 when a token was taken, else how many seconds to wait before asking again.
+        The bucket holds at most ``rate`` tokens and refills at rate/per a second.
+        """
+        now = time.time() if now is None else now
+        with self.transaction() as conn:
+            row = conn.execute(
+                "SELECT tokens, updated_at, blocked_until FROM rate_budget WHERE name = 'upstream'"
+            ).fetchone()
+            tokens, updated_at, blocked_until = row if row else (float(rate), now, 0.0)
+            tokens = min(float(rate), tokens + max(0.0, now - updated_at) * rate / per)
+            if blocked_until > now:
+                wait = blocked_until - now
+            elif tokens >= 1.0:
+                tokens -= 1.0
+                wait = 0.0
+            else:
+                wait = (1.0 - tokens) * per / rate
+            conn.execute(
+                "INSERT INTO rate_budget (name, tokens, updated_at, blocked_until) "
+                "VALUES ('upstream', ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                "tokens = excluded.tokens, updated_at = excluded.updated_at, "
+                "blocked_until = excluded.blocked_until",
+                (tokens, now, blocked_until),
+            )
+            if wait == 0.0:
+                self._bump(conn, requests=1)
+        return wait
+
+    def block_until(self, until: float) -> None:
+        """The upstream said 429: nobody on this store asks again before ``until``."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO rate_budget (name, tokens, updated_at, blocked_until) "
+                "VALUES ('upstream', 0, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                "tokens = 0, blocked_until = CASE WHEN excluded.blocked_until > "
+                "rate_budget.blocked_until THEN excluded.blocked_until "
+                "ELSE rate_budget.blocked_until END",
+                (time.time(), until),
+            )
+            self._bump(conn, throttled=1)
+
+    def budget(self, rate: int, per: float, now: float | None = None) -> dict[str, float]:
+        now = time.time() if now is None else now
+        row = self.conn.execute(
+            "SELECT tokens, updated_at, blocked_until FROM rate_budget WHERE name = 'upstream'"
+        ).fetchone()
+        tokens, updated_at, blocked_until = row if row else (float(rate), now, 0.0)
+        tokens = min(float(rate), tokens + max(0.0, now - updated_at) * rate / per)
+        return {"tokens": tokens, "blockedFor": max(0.0, blocked_until - now)}
+
+    # ------------------------------------------------------------ queries
+
+    def user_totals(self, user_id: str) -> UserTotals | None:
+        row = self.conn.execute(
+            "SELECT user_id, earned, spent, payout, tx_count, payout_count, last_tx_at "
+            "FROM users WHERE user_id = ?",
+            (user_id,),
+        ).fetchone()
+        return UserTotals(*row) if row else None
+
+    def payouts(
+        self,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[str, int, int]]:
+        """(user_id, amount in cents, count) per user with payouts, ordered by user id."""
+        params: list[object] = []
+        if since is None and until is None:
+            sql = "SELECT user_id, payout, payout_count FROM users WHERE payout > 0"
+            if after is not None:
+                sql += " AND user_id > ?"
+                params.append(after)
+        else:
+            sql = "SELECT user_id, sum(amount), count(*) FROM transactions WHERE type = 'payout'"
+            if since is not None:
+                sql += " AND created_at >= ?"
+                params.append(since)
+            if until is not None:
+                sql += " AND created_at < ?"
+                params.append(until)
+            if after is not None:
+                sql += " AND user_id > ?"
+                params.append(after)
+            sql += " GROUP BY user_id"
+        sql += " ORDER BY user_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return self.conn.execute(sql, params).fetchall()
+
+    def count_window(self, start_ms: int, end_ms: int) -> tuple[int, int]:
+        """How many records the upstream showed us in [start, end]: (open bounds, closed bounds).
+
+        Quarantined records and conflicting versions count too, since they sit on the
+        upstream's pages as well; the two figures bracket an upstream with either boundary rule.
+        """
+        closed = open_ = 0
+        for table in ("transactions", "quarantine", "conflicts"):
+            row = self.conn.execute(
+                f"SELECT count(*), "
+                f"sum(CASE WHEN created_at = ? OR created_at = ? THEN 1 ELSE 0 END) "
+                f"FROM {table} WHERE created_at >= ? AND created_at <= ?",
+                (start_ms, end_ms, start_ms, end_ms),
+            ).fetchone()
+            closed += row[0]
+            open_ += row[0] - (row[1] or 0)
+        return open_, closed
+
+    def user_count(self) -> int:
+        return self.counters().get("users", 0)

@@ -1,0 +1,442 @@
+"""Sync: read the upstream's transactions into the store, exactly once each, within the budget.
+
+How a run reads (see docs/design.md for the reasoning):
+
+* A run fixes its end ``E = now - settle`` when it starts and never moves past it.
+* The cursor is a window start ``S`` and a page number. Pages of ``[S, E]`` are read with the
+  largest page size; each page, the totals it moves and the new cursor are committed in one
+  database transaction. A full page moves the cursor to the next page of the same window: a later
+  run continues there with a later ``E``, and since the upstream lists items in createdAt order,
+  the items it has not shown yet are exactly the ones after that offset. A short or empty page
+  ends the window: the position becomes ``E`` and the next window starts there. ``meta`` never
+  ends a window; in ``--follow`` it only tells whether to ask for the next page now or later.
+* Late arrivals: a ``limit=1`` request returns ``meta.totalItems`` for ``[position - overlap,
+  position]``; when the store holds fewer, the window is bisected with more count requests down
+  to pieces of one page, and those are re-read. One request per check, whatever the load.
+* Every request takes a token from the rate budget kept in the store, shared by every process on
+  it; a 429 blocks the whole store until its Retry-After.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import httpx
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from . import __version__
+from .models import format_instant, format_query_time, loads
+from .report import STALE_AFTER_SECONDS
+from .store import IngestResult, Store
+
+PAGE_SIZE = 1000  # the upstream's ceiling per request
+MAX_DISCREPANCIES = 20
+
+
+class UpstreamError(Exception):
+    """The upstream cannot be read (down past the retry bound, or it rejects our requests)."""
+
+
+class TransientError(Exception):
+    """A failure worth retrying: 5xx, timeout, reset, truncated or non-JSON body."""
+
+
+class Throttled(TransientError):
+    def __init__(self, retry_after: float):
+        super().__init__(f"429 Too Many Requests, retry after {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class SyncStopped(Exception):
+    """A stop was requested (SIGTERM / SIGINT in --follow)."""
+
+
+class RequestLimitReached(Exception):
+    """--max-requests is spent."""
+
+
+@dataclass
+class SyncOptions:
+    api_url: str
+    since: int = 0  # ms: where a fresh store starts
+    rate_limit: int = 5
+    per: float = 60.0
+    overlap: float = 300.0
+    settle: float = 5.0
+    max_requests: int | None = None
+    date_format: str = "sql"
+    page_size: int = PAGE_SIZE
+    timeout: float = 30.0
+    retry_for: float = 300.0  # give up on an unreachable upstream after this many seconds
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    interval: float = 30.0  # --follow: seconds between polls
+    check_every: float = 60.0  # seconds between late-arrival checks
+    max_repair_requests: int = 20  # per check: bounds re-reads when the upstream's meta lies
+
+
+@dataclass
+class SyncSummary:
+    requests: int = 0
+    pages: int = 0
+    new: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    conflicts: int = 0
+    throttled: int = 0
+    retries: int = 0
+    checks: int = 0
+    repairs: int = 0
+    discrepancies: int = 0
+    complete: bool = False
+    position: str | None = None
+    asOf: str | None = None
+    lagSeconds: int | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def add_ingest(self, result: IngestResult) -> None:
+        self.new += result.new
+        self.duplicates += result.duplicates
+        self.quarantined += result.quarantined
+        self.conflicts += result.conflicts
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Page:
+    items: list
+    total: int | None  # meta.totalItems when the upstream gave a sane one
+
+
+def parse_retry_after(value: str | None, default: float, now: float | None = None) -> float:
+    """Retry-After as seconds or as an HTTP date; ``default`` when absent or unreadable."""
+    if not value:
+        return default
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default
+    now = time.time() if now is None else now
+    return max(0.0, moment.timestamp() - now)
+
+
+class Upstream:
+    """The Transaction API seen through the shared budget, with retries."""
+
+    def __init__(
+        self,
+        store: Store,
+        options: SyncOptions,
+        summary: SyncSummary,
+        sleep: Callable[[float], None],
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.store = store
+        self.options = options
+        self.summary = summary
+        self.sleep = sleep
+        self.http = httpx.Client(
+            base_url=options.api_url.rstrip("/"),
+            timeout=options.timeout,
+            headers={"User-Agent": f"txagg/{__version__}", "Accept": "application/json"},
+            transport=transport,
+        )
+        jitter = wait_exponential_jitter(
+            multiplier=options.backoff_initial, max=options.backoff_max, jitter=options.backoff_initial
+        )
+
+        def wait(retry_state) -> float:
+            # After a 429 the budget already waits out Retry-After; add no backoff on top.
+            if isinstance(retry_state.outcome.exception(), Throttled):
+                return 0.0
+            self.summary.retries += 1
+            return jitter(retry_state)
+
+        self.retrying = Retrying(
+            retry=retry_if_exception_type(TransientError),
+            wait=wait,
+            stop=stop_after_delay(options.retry_for),
+            sleep=sleep,
+            reraise=True,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def fetch(self, start_ms: int, end_ms: int, page: int, limit: int) -> Page:
+        try:
+            for attempt in self.retrying:
+                with attempt:
+                    return self._fetch_once(start_ms, end_ms, page, limit)
+        except Throttled as error:
+            raise UpstreamError(
+                f"the upstream kept answering 429 for {self.options.retry_for:.0f} s ({error})"
+            ) from None
+        except TransientError as error:
+            raise UpstreamError(
+                f"the upstream at {self.options.api_url} is unavailable "
+                f"(gave up after {self.options.retry_for:.0f} s): {error}"
+            ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _take_token(self) -> None:
+        options = self.options
+        if options.max_requests is not None and self.summary.requests >= options.max_requests:
+            raise RequestLimitReached()
+        while True:
+            wait = self.store.take_token(options.rate_limit, options.per)
+            if wait == 0.0:
+                self.summary.requests += 1
+                return
+            self.sleep(min(wait, 5.0))
+
+    def _fetch_once(self, start_ms: int, end_ms: int, page: int, limit: int) -> Page:
+        self._take_token()
+        params = {
+            "startDate": format_query_time(start_ms, self.options.date_format),
+            "endDate": format_query_time(end_ms, self.options.date_format),
+            "page": page,
+            "limit": limit,
+        }
+        try:
+            response = self.http.get("/transactions", params=params)
+        except httpx.TimeoutException:
+            raise TransientError(f"no answer within {self.options.timeout:.0f} s") from None
+        except httpx.TransportError as error:
+            raise TransientError(f"connection failed: {error}") from None
+        if response.status_code == 429:
+            default = self.options.per / self.options.rate_limit
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), default)
+            self.summary.throttled += 1
+            self.store.block_until(time.time() + retry_after)
+            raise Throttled(retry_after)
+        if response.status_code >= 500:
+            raise TransientError(f"HTTP {response.status_code}")
+        if response.status_code != 200:
+            raise UpstreamError(
+                f"the upstream refused {response.request.url}: HTTP {response.status_code} "
+                f"{response.text[:300]}"
+            )
+        return _parse_page(response.content)
+
+
+def _parse_page(content: bytes) -> Page:
+    try:
+        body = loads(content)
+    except ValueError:
+        raise TransientError("the upstream sent a body that is not JSON (truncated?)") from None
+    if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+        raise TransientError("the upstream sent JSON without an 'items' list")
+    meta = body.get("meta")
+    total = meta.get("totalItems") if isinstance(meta, dict) else None
+    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+        total = None
+    return Page(body["items"], total)
+
+
+class Syncer:
+    """Runs sync against one store. ``run()`` catches up once; ``follow()`` keeps at it."""
+
+    def __init__(
+        self,
+        store: Store,
+        options: SyncOptions,
+        *,
+        on_page: Callable[[SyncSummary], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
+        stop: threading.Event | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.store = store
+        self.options = options
+        self.summary = SyncSummary()
+        self.on_page = on_page or (lambda summary: None)
+        self.on_error = on_error or (lambda message: None)
+        self.stop = stop or threading.Event()
+        self.upstream = Upstream(store, options, self.summary, self._sleep, transport)
+
+    def close(self) -> None:
+        self.upstream.close()
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop.wait(seconds):
+            raise SyncStopped()
+
+    # ------------------------------------------------------------ cursor
+
+    def _cursor(self) -> tuple[int, int, int, int]:
+        state = self.store.state()
+        since = self.options.since
+        start = state.get("window_start", since)
+        return start, state.get("page", 1), state.get("position", start), state.get("as_of", start)
+
+    # ------------------------------------------------------------ one catch-up
+
+    def run(self, *, defer_full_pages: bool = False) -> SyncSummary:
+        """Read everything up to now - settle; returns the summary (complete=False if cut short)."""
+        end = int(time.time() - self.options.settle) * 1000
+        try:
+            caught_up = self._read_until(end, defer_full_pages)
+            if caught_up and self._check_due():
+                self.check()
+            self.summary.complete = caught_up
+        except RequestLimitReached:
+            self.summary.complete = False
+        self._finish_summary()
+        return self.summary
+
+    def _read_until(self, end: int, defer_full_pages: bool) -> bool:
+        limit = self.options.page_size
+        while True:
+            start, page, position, as_of = self._cursor()
+            if start >= end:
+                return True
+            result = self.upstream.fetch(start, end, page, limit)
+            full = len(result.items) >= limit
+            next_cursor = partial(_next_cursor, full, start, page, as_of, end)
+            ingested = self.store.ingest(result.items, state=next_cursor)
+            self.summary.pages += 1
+            self.summary.add_ingest(ingested)
+            self.on_page(self.summary)
+            if not full:
+                return True
+            more_promised = result.total is not None and result.total > page * limit
+            if defer_full_pages and not more_promised:
+                return True
+
+    # ------------------------------------------------------------ late arrivals
+
+    def _check_due(self) -> bool:
+        last = self.store.state_value("last_check")
+        return last is None or time.time() - last.get("at", 0) >= self.options.check_every
+
+    def check(self) -> dict:
+        """Compare [position - overlap, position] with the upstream's count; repair a shortfall."""
+        start, _page, position, _as_of = self._cursor()
+        low = max(self.options.since, position - int(self.options.overlap * 1000))
+        low = low // 1000 * 1000
+        found: dict = {"at": time.time(), "window": [format_instant(low), format_instant(position)]}
+        if position <= low:
+            self.store.put_state(last_check=found)
+            return found
+        self.summary.checks += 1
+        budget = [self.options.max_repair_requests]
+        upstream_total = self._count(low, position)
+        found["upstream"] = upstream_total
+        found["stored"] = self.store.count_window(low, position)[1]
+        if upstream_total is not None and upstream_total > found["stored"]:
+            self._repair(low, position, upstream_total, budget)
+            found["repairedTo"] = self.store.count_window(low, position)[1]
+        self.store.put_state(last_check=found)
+        return found
+
+    def _count(self, start: int, end: int) -> int | None:
+        return self.upstream.fetch(start, end, 1, 1).total
+
+    def _repair(self, start: int, end: int, upstream_total: int, budget: list[int]) -> None:
+        if upstream_total <= self.options.page_size or end - start <= 1000:
+            self._reread(start, end, upstream_total, budget)
+            return
+        middle = (start + (end - start) // 2) // 1000 * 1000
+        for low, high in ((start, middle), (middle, end)):
+            if budget[0] <= 0:
+                self._discrepancy(low, high, None, "repair budget spent")
+                return
+            budget[0] -= 1
+            total = self._count(low, high)
+            if total is not None and total > self.store.count_window(low, high)[1]:
+                self._repair(low, high, total, budget)
+
+    def _reread(self, start: int, end: int, upstream_total: int, budget: list[int]) -> None:
+        self.summary.repairs += 1
+        page = 1
+        while budget[0] > 0:
+            budget[0] -= 1
+            result = self.upstream.fetch(start, end, page, self.options.page_size)
+            self.summary.add_ingest(self.store.ingest(result.items))
+            self.summary.pages += 1
+            if len(result.items) < self.options.page_size:
+                break
+            page += 1
+        stored = self.store.count_window(start, end)[1]
+        if stored < upstream_total:
+            self._discrepancy(start, end, upstream_total, "still short after re-reading")
+
+    def _discrepancy(self, start: int, end: int, upstream_total: int | None, why: str) -> None:
+        self.summary.discrepancies += 1
+        found = {
+            "window": [format_instant(start), format_instant(end)],
+            "upstream": upstream_total,
+            "stored": self.store.count_window(start, end)[1],
+            "why": why,
+            "at": format_instant(int(time.time() * 1000)),
+        }
+        recorded = self.store.state_value("discrepancies", [])
+        self.store.put_state(discrepancies=(recorded + [found])[-MAX_DISCREPANCIES:])
+
+    # ------------------------------------------------------------ forever
+
+    def follow(self) -> SyncSummary:
+        """Poll every ``interval`` seconds until ``stop`` is set; survive upstream outages."""
+        while not self.stop.is_set():
+            try:
+                self.run(defer_full_pages=True)
+                if self.summary.complete is False and self.options.max_requests is not None:
+                    break
+            except UpstreamError as error:
+                self.summary.errors = (self.summary.errors + [str(error)])[-5:]
+                self.on_error(str(error))
+            except SyncStopped:
+                break
+            if self.stop.wait(self.options.interval):
+                break
+        self._finish_summary()
+        return self.summary
+
+    def _finish_summary(self) -> None:
+        _start, _page, position, as_of = self._cursor()
+        self.summary.position = format_instant(position)
+        self.summary.asOf = format_instant(as_of)
+        self.summary.lagSeconds = max(0, int(time.time() - as_of / 1000))
+        self.store.put_state(
+            last_run={
+                "at": format_instant(int(time.time() * 1000)),
+                "requests": self.summary.requests,
+                "newTransactions": self.summary.new,
+                "complete": self.summary.complete,
+                "behind": self.summary.lagSeconds > STALE_AFTER_SECONDS,
+            }
+        )
+
+
+def _next_cursor(
+    full: bool, start: int, page: int, as_of: int, end: int, ingested: IngestResult
+) -> dict:
+    """The cursor after a page of [start, end]: the next page, or the next window."""
+    if not full:
+        return {"window_start": end, "page": 1, "position": end, "as_of": max(as_of, end)}
+    # Pages come in createdAt order: everything before this page's latest second has been read.
+    if ingested.max_created_at is not None:
+        as_of = max(as_of, min(end, ingested.max_created_at // 1000 * 1000))
+    return {"window_start": start, "page": page + 1, "position": start, "as_of": as_of}
+
+
+def sync(store: Store, options: SyncOptions, **kwargs) -> SyncSummary:
+    """Take the store's sync lock and catch up once (``follow=True``: keep following)."""
+    follow = kwargs.pop("follow", False)
+    with store.sync_lock():
+        syncer = Syncer(store, options, **kwargs)
+        try:
+            return syncer.follow() if follow else syncer.run()
+        finally:
+            syncer.close()
