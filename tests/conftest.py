@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
 import os
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from datetime import UTC
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -54,9 +55,9 @@ def record(
 ) -> dict:
     """One upstream record, as JSON-decoded data, with a fixed id per n, at base + at_s."""
     seconds = base // 1000 + at_s
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    moment = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    moment = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     return {
         "id": f"00000000-0000-4000-8000-{n:012d}",
         "userId": user,
@@ -140,7 +141,9 @@ def txagg_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "txagg", *args]
 
 
-def run_txagg(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_txagg(
+    *args: str, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run the real command in a subprocess (stdout is a pipe, so JSON is the default)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(

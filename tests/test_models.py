@@ -27,7 +27,14 @@ GOOD = {
 
 @pytest.mark.parametrize(
     ("cents", "text"),
-    [(0, "0"), (5760, "57.6"), (1200, "12"), (1, "0.01"), (-4080, "-40.8"), (123456789, "1234567.89")],
+    [
+        (0, "0"),
+        (5760, "57.6"),
+        (1200, "12"),
+        (1, "0.01"),
+        (-4080, "-40.8"),
+        (123456789, "1234567.89"),
+    ],
 )
 def test_format_cents_is_the_shortest_exact_decimal(cents, text):
     assert format_cents(cents) == text
@@ -75,8 +82,12 @@ def test_missing_fields_are_named():
 
 
 def test_a_record_round_trips_through_the_upstream_json():
-    tx = parse_transaction(loads('{"id": "a", "userId": "074092", "createdAt": '
-                                 '"2023-03-16T12:33:11.250Z", "type": "spent", "amount": 57.6}'))
+    tx = parse_transaction(
+        loads(
+            '{"id": "a", "userId": "074092", "createdAt": '
+            '"2023-03-16T12:33:11.250Z", "type": "spent", "amount": 57.6}'
+        )
+    )
     assert tx == Transaction("a", "074092", parse_time("2023-03-16T12:33:11.250Z"), "spent", 5760)
     assert parse_transaction(loads(tx.to_json())) == tx
     assert format_timestamp(tx.created_at) == "2023-03-16T12:33:11.250Z"

@@ -2,8 +2,8 @@ import sqlite3
 from decimal import Decimal
 
 import pytest
-
 from conftest import record
+
 from txagg.store import (
     MIGRATIONS_TABLE,
     SCHEMA_VERSION,
@@ -31,8 +31,9 @@ def test_reopening_migrates_nothing_twice(db_path):
 def test_a_newer_store_is_refused_clearly(db_path):
     Store.open(db_path).close()
     conn = sqlite3.connect(db_path)
-    conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} VALUES (?, 'from the future', 'x')",
-                 (SCHEMA_VERSION + 1,))
+    conn.execute(
+        f"INSERT INTO {MIGRATIONS_TABLE} VALUES (?, 'from the future', 'x')", (SCHEMA_VERSION + 1,)
+    )
     conn.commit()
     conn.close()
     with pytest.raises(StoreTooNew, match="newer txagg"):
@@ -92,8 +93,11 @@ def test_invalid_records_are_quarantined_with_their_reason_never_counted(store):
     assert store.ingest(bad).quarantined == 0  # the same broken records again: kept once
     rows = store.conn.execute("SELECT raw, reason, times_seen FROM quarantine").fetchall()
     reasons = sorted(reason for _, reason, _ in rows)
-    assert reasons == ["amount is not positive", "missing field: userId, createdAt, type, amount",
-                       "record is not a JSON object"]
+    assert reasons == [
+        "amount is not positive",
+        "missing field: userId, createdAt, type, amount",
+        "record is not a JSON object",
+    ]
     assert all(times == 2 for _, _, times in rows)
     assert '"amount": -1' in next(raw for raw, reason, _ in rows if "positive" in reason)
     assert store.user_totals("000001").tx_count == 1
@@ -141,12 +145,14 @@ def test_window_counts_bracket_either_boundary_rule(store):
 
 
 def test_payouts_by_user_and_period(store):
-    store.ingest([
-        record(1, user="000002", kind="payout", amount=Decimal("5"), at_s=0),
-        record(2, user="000001", kind="payout", amount=Decimal("2.5"), at_s=10),
-        record(3, user="000001", kind="payout", amount=Decimal("1"), at_s=20),
-        record(4, user="000003", kind="earned", amount=Decimal("1"), at_s=20),
-    ])
+    store.ingest(
+        [
+            record(1, user="000002", kind="payout", amount=Decimal("5"), at_s=0),
+            record(2, user="000001", kind="payout", amount=Decimal("2.5"), at_s=10),
+            record(3, user="000001", kind="payout", amount=Decimal("1"), at_s=20),
+            record(4, user="000003", kind="earned", amount=Decimal("1"), at_s=20),
+        ]
+    )
     assert store.payouts() == [("000001", 350, 2), ("000002", 500, 1)]
     assert store.payouts(limit=1) == [("000001", 350, 2)]
     assert store.payouts(after="000001") == [("000002", 500, 1)]

@@ -6,8 +6,8 @@ import time
 from decimal import Decimal
 
 import pytest
-
 from conftest import START, page, record
+
 from txagg.store import Store
 from txagg.sync import SyncOptions, UpstreamError, parse_retry_after, sync
 
@@ -60,15 +60,17 @@ def test_retry_after_as_an_http_date():
 def test_5xx_resets_truncated_and_non_json_bodies_are_retried(scripted, store):
     items = [record(n) for n in range(5)]
     truncated = (200, {"Content-Length": "500", "Content-Type": "application/json"}, b'{"items": [')
-    server = scripted([
-        (503, {}, b"down"),
-        (500, {}, b"oops"),
-        ("reset", {}, b""),
-        truncated,
-        (200, {"Content-Type": "text/html"}, b"<html>gateway</html>"),
-        (200, {}, b'{"no": "items"}'),
-        paged(items),
-    ])
+    server = scripted(
+        [
+            (503, {}, b"down"),
+            (500, {}, b"oops"),
+            ("reset", {}, b""),
+            truncated,
+            (200, {"Content-Type": "text/html"}, b"<html>gateway</html>"),
+            (200, {}, b'{"no": "items"}'),
+            paged(items),
+        ]
+    )
     summary = sync(store, options(server.url))
     assert summary.retries == 6
     assert summary.new == 5 and summary.complete

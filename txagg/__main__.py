@@ -60,7 +60,13 @@ def main() -> None:
         sys.exit(code)
     from .cli import app
 
-    app(prog_name="txagg")
+    try:
+        app(prog_name="txagg")
+    except Exception as error:  # a bug: say so in one line, the traceback only on request
+        if os.environ.get("TXAGG_DEBUG"):
+            raise
+        print(f"Error: internal error: {error!r} (set TXAGG_DEBUG=1 for details)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -152,7 +152,9 @@ class Upstream:
             transport=transport,
         )
         jitter = wait_exponential_jitter(
-            multiplier=options.backoff_initial, max=options.backoff_max, jitter=options.backoff_initial
+            multiplier=options.backoff_initial,
+            max=options.backoff_max,
+            jitter=options.backoff_initial,
         )
 
         def wait(retry_state) -> float:
@@ -317,17 +319,21 @@ class Syncer:
     # ------------------------------------------------------------ late arrivals
 
     def _check_due(self) -> bool:
-        last = self.store.state_value("last_check")
-        return last is None or time.time() - last.get("at", 0) >= self.options.check_every
+        last = self.store.state_value("last_check_ms")
+        return last is None or time.time() * 1000 - last >= self.options.check_every * 1000
 
     def check(self) -> dict:
         """Compare [position - overlap, position] with the upstream's count; repair a shortfall."""
         start, _page, position, _as_of = self._cursor()
         low = max(self.options.since, position - int(self.options.overlap * 1000))
         low = low // 1000 * 1000
-        found: dict = {"at": time.time(), "window": [format_instant(low), format_instant(position)]}
+        now_ms = int(time.time() * 1000)
+        found: dict = {
+            "at": format_instant(now_ms),
+            "window": [format_instant(low), format_instant(position)],
+        }
         if position <= low:
-            self.store.put_state(last_check=found)
+            self.store.put_state(last_check=found, last_check_ms=now_ms)
             return found
         self.summary.checks += 1
         budget = [self.options.max_repair_requests]
@@ -337,7 +343,7 @@ class Syncer:
         if upstream_total is not None and upstream_total > found["stored"]:
             self._repair(low, position, upstream_total, budget)
             found["repairedTo"] = self.store.count_window(low, position)[1]
-        self.store.put_state(last_check=found)
+        self.store.put_state(last_check=found, last_check_ms=now_ms)
         return found
 
     def _count(self, start: int, end: int) -> int | None:

@@ -1,0 +1,58 @@
+"""Helpers shared by the benchmark scripts: a mock-serve subprocess, timing, machine info."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {cpu}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def txagg(*args: str) -> list[str]:
+    return [sys.executable, "-m", "txagg", *args]
+
+
+class MockServer:
+    def __init__(self, *args: str):
+        self.process = subprocess.Popen(
+            txagg("mock-serve", "--port", "0", *args), stdout=subprocess.PIPE, text=True
+        )
+        line = self.process.stdout.readline()
+        if "listening on" not in line:
+            self.process.kill()
+            raise SystemExit(f"mock-serve did not start: {line!r}")
+        self.url = line.rsplit(" ", 1)[1].strip()
+
+    def __enter__(self) -> MockServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
+
+
+def summary_ms(values: list[float]) -> str:
+    return (
+        f"median {statistics.median(values) * 1000:.1f} ms, "
+        f"p90 {percentile(values, 0.9) * 1000:.1f} ms, "
+        f"min {min(values) * 1000:.1f} ms (n={len(values)})"
+    )

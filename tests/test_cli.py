@@ -1,0 +1,131 @@
+"""The command line through typer's CliRunner: exit codes, messages, JSON shapes."""
+
+import json
+from decimal import Decimal
+
+import pytest
+from conftest import record, run_txagg
+from typer.testing import CliRunner
+
+from txagg.cli import app
+from txagg.store import Store
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def filled(db_path):
+    with Store.open(db_path) as store:
+        store.ingest(
+            [
+                record(1, user="074092", kind="earned", amount=Decimal("1.2"), at_s=0),
+                record(2, user="074092", kind="spent", amount=Decimal("12"), at_s=1),
+                record(3, user="074092", kind="payout", amount=Decimal("30"), at_s=2),
+                record(4, user="000007", kind="earned", amount=Decimal("0.1"), at_s=3),
+                record(5, user="000007", kind="earned", amount=Decimal("0.2"), at_s=4),
+                record(6, user="000007", kind="payout", amount=Decimal("0.3"), at_s=5),
+            ],
+            state={"as_of": 1_700_000_100_000, "position": 1_700_000_100_000},
+        )
+    return db_path
+
+
+def invoke(*args, **kwargs):
+    return runner.invoke(app, [str(a) for a in args], **kwargs)
+
+
+def test_report_json_is_exact_and_in_the_documented_shape(filled):
+    result = invoke("report", "074092", "--db", filled, "--json")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        '{"userId": "074092", "balance": -40.8, "earned": 1.2, "spent": 12, "payout": 30, '
+        '"paidOut": 30, "transactions": 3, "lastTransactionAt": "2023-11-14T22:13:22.000Z", '
+        '"asOf": "2023-11-14T22:15:00Z"}\n'
+    )
+    tiny = json.loads(invoke("report", "000007", "--db", filled, "--json").stdout)
+    assert (tiny["earned"], tiny["balance"]) == (0.3, 0)
+
+
+def test_paid_out_uses_the_configured_rate(filled):
+    result = invoke("report", "074092", "--db", filled, "--json", "--eur-per-scr", "0.915")
+    assert '"paidOut": 27.45' in result.stdout
+    result = invoke("report", "074092", "--db", filled, "--eur-per-scr", "minus one")
+    assert result.exit_code == 2 and "not a positive number" in result.output
+
+
+def test_unknown_user_exits_3(filled):
+    result = invoke("report", "999999", "--db", filled, "--json")
+    assert result.exit_code == 3
+    assert result.stderr == "Error: no such user: 999999\n"
+    assert result.stdout == ""
+
+
+def test_no_store_is_a_clear_failure_and_creates_nothing(tmp_path):
+    missing = tmp_path / "none.db"
+    result = invoke("report", "074092", "--db", missing)
+    assert result.exit_code == 1 and "no store at" in result.stderr
+    assert not missing.exists()
+
+
+def test_bad_usage_exits_2(filled):
+    assert invoke("report", "--db", filled).exit_code == 2
+    assert invoke("report", "1", "--no-such-flag").exit_code == 2
+    assert invoke("sync", "--rate-limit", "0").exit_code == 2
+    assert invoke("sync", "--date-format", "klingon").exit_code == 2
+    bad_time = invoke("payouts", "--db", filled, "--since", "last tuesday")
+    assert bad_time.exit_code == 2 and "not a date/time" in bad_time.output
+
+
+def test_payouts_json(filled):
+    result = invoke("payouts", "--db", filled, "--json")
+    assert result.exit_code == 0
+    assert result.stdout == (
+        '{"items": [{"userId": "000007", "amount": 0.3, "count": 1}, '
+        '{"userId": "074092", "amount": 30, "count": 1}], "asOf": "2023-11-14T22:15:00Z"}\n'
+    )
+    since = invoke("payouts", "--db", filled, "--since", "2023-11-14 22:13:23")
+    assert [i["userId"] for i in json.loads(since.stdout)["items"]] == ["000007"]
+    until = invoke("payouts", "--db", filled, "--until", "2023-11-14T22:13:23Z")
+    assert [i["userId"] for i in json.loads(until.stdout)["items"]] == ["074092"]
+
+
+def test_status_json_names_everything_an_operator_needs(filled):
+    body = json.loads(invoke("status", "--db", filled, "--json").stdout)
+    assert body["transactions"] == 6 and body["users"] == 2
+    assert body["quarantined"] == 0 and body["conflicts"] == 0
+    assert body["asOf"] == "2023-11-14T22:15:00Z" and body["behind"] is True
+    assert set(body["rateBudget"]) >= {"limit", "tokensAvailable", "throttled", "requests"}
+
+
+def test_tables_on_a_terminal_json_in_a_pipe(filled, monkeypatch):
+    monkeypatch.setattr("txagg.cli.wants_json", lambda flag: flag)
+    table = invoke("report", "074092", "--db", filled)
+    assert table.exit_code == 0 and "balance" in table.stdout and "-40.8" in table.stdout
+    assert not table.stdout.startswith("{")
+
+
+def test_a_second_sync_on_a_locked_store_exits_75(filled):
+    with Store.open(filled) as store, store.sync_lock():
+        result = invoke("sync", "--db", filled, "--api-url", "http://127.0.0.1:9")
+    assert result.exit_code == 75
+    assert "another sync" in result.stderr
+
+
+def test_sync_against_a_dead_upstream_fails_clearly(tmp_path):
+    result = invoke(
+        "sync", "--db", tmp_path / "s.db", "--api-url", "http://127.0.0.1:9", "--retry-for", "0.3"
+    )
+    assert result.exit_code == 1
+    assert "unavailable" in result.stderr and "Traceback" not in result.output
+
+
+def test_the_fast_path_answers_exactly_like_the_full_cli(filled):
+    for user in ("074092", "000007"):
+        fast = run_txagg("report", user, "--db", str(filled), "--json")
+        full = invoke("report", user, "--db", filled, "--json")
+        assert (fast.returncode, fast.stdout) == (0, full.stdout)
+    fast = run_txagg("report", "999999", "--db", str(filled))
+    full = invoke("report", "999999", "--db", filled)
+    assert (fast.returncode, fast.stderr) == (3, full.stderr)
+    env_db = run_txagg("report", "074092", env={"TXAGG_DB": str(filled)})
+    assert env_db.stdout == invoke("report", "074092", "--db", filled).stdout

@@ -1,0 +1,972 @@
+"""A faithful, deterministic, stateful, rate-limited fake of the upstream Transaction API.
+
+``MockUpstream`` is the in-memory core: seeded users and transactions, a history that is already
+in the past at start, live transactions that become visible as the clock moves (some of them
+late), optional broken records, and the ground truth per user. ``create_app`` puts HTTP in front
+of it (Starlette), ``serve`` and ``start_in_thread`` run that on uvicorn.
+
+The state is a pure function of the seed, the options and the clock: the k-th live transaction
+becomes visible at ``start + k * 60 / tx_per_minute`` seconds, whenever it is asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import json
+import math
+import re
+import signal
+import socket
+import threading
+import time
+from bisect import bisect_left, bisect_right
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from copy import deepcopy
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import uvicorn
+from faker import Faker
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from . import __version__
+from .models import (
+    FIELDS,
+    PROBLEM_SCHEMA,
+    TRANSACTION_SCHEMA,
+    USER_REPORT_SCHEMA,
+    cents_to_decimal,
+    dumps,
+    format_cents,
+    format_instant,
+    format_timestamp,
+    parse_time,
+)
+
+MAX_LIMIT = 1000
+MAX_USERS = 500_000  # 6-digit ids: beyond half of them, drawing unique ones gets slow
+EARNED_SHARE = 0.50
+SPENT_SHARE = 0.35  # the remaining 15% are payouts
+BURST_SHARE = 0.25  # history items that follow the previous one within a second
+WHOLE_SECOND_SHARE = 0.30  # history items with createdAt on a whole second (.000)
+PROBLEM_TYPE = "application/problem+json"
+
+
+@dataclass
+class MockConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 = pick a free port
+    seed: int = 1
+    users: int = 100
+    history: int = 1000  # transactions already in the past at start
+    history_span: float = 86400.0  # seconds of past that the history covers, ending at start
+    tx_per_minute: float = 0.0  # new transactions arriving while it runs
+    rate_limit: int = 5  # token bucket: rate_limit requests ...
+    per: float = 60.0  # ... per `per` seconds (capacity = rate_limit)
+    late_ratio: float = 0.0  # share of live transactions that become visible late
+    late_max: float = 0.0  # how late at most (seconds): createdAt = visible_at - U(0, late_max)
+    invalid_ratio: float = 0.0  # share of extra invalid records mixed into /transactions
+    start: int | None = None  # the clock anchor in ms since epoch; None = now
+
+    def __post_init__(self) -> None:
+        checks = [
+            (1 <= self.users <= MAX_USERS, f"users must be between 1 and {MAX_USERS}"),
+            (self.history >= 0, "history must not be negative"),
+            (self.history_span > 0, "history_span must be positive"),
+            (self.tx_per_minute >= 0, "tx_per_minute must not be negative"),
+            (self.rate_limit >= 1, "rate_limit must be at least 1"),
+            (self.per > 0, "per must be positive"),
+            (0 <= self.late_ratio <= 1, "late_ratio must be between 0 and 1"),
+            (self.late_max >= 0, "late_max must not be negative"),
+            (0 <= self.invalid_ratio <= 1, "invalid_ratio must be between 0 and 1"),
+        ]
+        for holds, message in checks:
+            if not holds:
+                raise ValueError(message)
+
+
+# ---------------------------------------------------------------- rendering records
+
+_UUID_CLEAR = ~((0xC000 << 48) | (0xF000 << 64)) & ((1 << 128) - 1)
+_UUID_SET = (0x8000 << 48) | (4 << 76)
+
+
+def uuid4_text(bits: int) -> str:
+    """``str(uuid.UUID(int=bits, version=4))``, three times faster: history needs millions."""
+    digits = ((bits & _UUID_CLEAR) | _UUID_SET).to_bytes(16).hex()
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def render_transaction(tx_id: str, user_id: str, created_at: str, kind: str, cents: int) -> str:
+    """The same text as ``Transaction.to_json()`` for our plain ASCII ids, without its overhead."""
+    return (
+        f'{{"id":"{tx_id}","userId":"{user_id}","createdAt":"{created_at}",'
+        f'"type":"{kind}","amount":{format_cents(cents)}}}'
+    )
+
+
+def render_fields(fields: Mapping[str, str]) -> str:
+    """A JSON object from values that are already JSON text (so broken numbers stay verbatim)."""
+    return "{" + ",".join(f"{json.dumps(name)}:{value}" for name, value in fields.items()) + "}"
+
+
+class TimestampCache:
+    """format_timestamp with the seconds part reused: history has many items per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def text(self, ms: int) -> str:
+        second, millis = divmod(ms, 1000)
+        if second != self._second:
+            self._second = second
+            self._prefix = format_timestamp(second * 1000)[:-5]
+        return f"{self._prefix}.{millis:03d}Z"
+
+
+# ---------------------------------------------------------------- broken records
+
+
+def _missing_field(fields: dict, rng) -> None:
+    del fields[rng.choice(FIELDS)]
+
+
+def _set(name: str, value: Callable[[dict], str]) -> Callable[[dict, object], None]:
+    def breaks(fields: dict, rng) -> None:
+        fields[name] = value(fields)
+
+    return breaks
+
+
+# Every way the spec says a record can break; served round-robin so any run shows them all.
+INVALID_KINDS: tuple[tuple[str, Callable[[dict, object], None]], ...] = (
+    ("missing field", _missing_field),
+    ("unknown type", _set("type", lambda f: '"refund"')),
+    ("amount zero", _set("amount", lambda f: "0")),
+    ("amount negative", _set("amount", lambda f: "-" + f["amount"])),
+    ("amount string", _set("amount", lambda f: json.dumps(f["amount"]))),
+    ("amount with 3 decimals", _set("amount", lambda f: f["amount"] + "5")),
+    ("amount absurdly large", _set("amount", lambda f: "1e15")),
+    ("createdAt unparseable", _set("createdAt", lambda f: '"2023-02-30T25:61:00.000Z"')),
+    ("createdAt without time zone", _set("createdAt", lambda f: f["createdAt"][:-2] + '"')),
+    ("id not a string", _set("id", lambda f: str(int(f["id"][1:9], 16)))),
+    ("userId not a string", _set("userId", lambda f: str(int(f["userId"][1:-1])))),
+    ("id 10,000 characters", _set("id", lambda f: '"' + "f" * 10_000 + '"')),
+    ("userId 10,000 characters", _set("userId", lambda f: '"' + "7" * 10_000 + '"')),
+)
+
+
+# ---------------------------------------------------------------- the in-memory upstream
+
+
+class Ledger:
+    """Every served record sorted by createdAt (stable), as pre-rendered JSON text."""
+
+    def __init__(self) -> None:
+        self.keys: list[int] = []  # createdAt in ms, parallel to texts
+        self.texts: list[str] = []
+
+    def add(self, key: int, text: str) -> None:
+        if not self.keys or key >= self.keys[-1]:
+            self.keys.append(key)
+            self.texts.append(text)
+            return
+        # A late arrival: after everything with the same millisecond, so order stays stable.
+        index = bisect_right(self.keys, key)
+        self.keys.insert(index, key)
+        self.texts.insert(index, text)
+
+    def bounds(self, start_ms: int | None, end_ms: int | None) -> tuple[int, int]:
+        low = 0 if start_ms is None else bisect_left(self.keys, start_ms)
+        high = len(self.keys) if end_ms is None else bisect_right(self.keys, end_ms)
+        return low, max(low, high)
+
+
+class UserBook:
+    """Per-user totals in cents for the ground truth, kept as each transaction is made."""
+
+    def __init__(self, user_ids: list[str]) -> None:
+        count = len(user_ids)
+        self.ids = user_ids
+        self.count = count
+        self.index = {user_id: position for position, user_id in enumerate(user_ids)}
+        self.in_id_order = sorted(range(count), key=user_ids.__getitem__)
+        self.balance = [0] * count
+        self.totals = {kind: [0] * count for kind in ("earned", "spent", "payout")}
+        self.payout_requests = [0] * count
+        self.transactions = [0] * count
+        self.last_ms = [-1] * count
+
+    def add(self, user: int, kind: str, cents: int, created_ms: int) -> None:
+        self.totals[kind][user] += cents
+        self.balance[user] += cents if kind == "earned" else -cents
+        self.transactions[user] += 1
+        if kind == "payout":
+            self.payout_requests[user] += 1
+        if created_ms > self.last_ms[user]:
+            self.last_ms[user] = created_ms
+
+    def report(self, user: int, as_of: str) -> dict:
+        payout = self.totals["payout"][user]
+        return {
+            "userId": self.ids[user],
+            "balance": cents_to_decimal(self.balance[user]),
+            "earned": cents_to_decimal(self.totals["earned"][user]),
+            "spent": cents_to_decimal(self.totals["spent"][user]),
+            "payout": cents_to_decimal(payout),
+            "paidOut": cents_to_decimal(payout),  # 1 SCR = 1 EUR
+            "transactions": self.transactions[user],
+            "lastTransactionAt": format_timestamp(self.last_ms[user]),
+            "asOf": as_of,
+        }
+
+
+def history_instants(rng, start_ms: int, span_ms: int, count: int) -> Iterator[int]:
+    """count createdAt values in [start_ms - span_ms, start_ms), non-decreasing.
+
+    Item i falls in its own slice of the span, so order comes for free; some items instead follow
+    the previous one within a second (several per second, equal milliseconds included), and some
+    sit on a whole second, as a client's second-precision window bounds would.
+    """
+    base = start_ms - span_ms
+    step = span_ms / max(count, 1)
+    last_allowed = start_ms - 1
+    random = rng.random
+    previous = base
+    for position in range(count):
+        if position and random() < BURST_SHARE:
+            # Stay at or below the lowest createdAt item i + 1 can get.
+            ceiling = min(base + int((position + 1) * step), last_allowed)
+            created = min(previous + int(random() * 1000), ceiling)
+        else:
+            created = base + int((position + random()) * step)
+            if random() < WHOLE_SECOND_SHARE:
+                created = max(previous, created - created % 1000)
+            created = min(created, last_allowed)
+        yield created
+        previous = created
+
+
+def earned_cents(rng) -> int:
+    """Roughly 0.01..500 SCR: mostly two decimals, some whole, some with one decimal."""
+    # random() rather than randint(): this runs for every other transaction of a big history.
+    style = rng.random()
+    if style < 0.15:
+        return (int(rng.random() * 500) + 1) * 100
+    if style < 0.30:
+        return (int(rng.random() * 5000) + 1) * 10
+    return int(rng.random() * 50_000) + 1
+
+
+def share_of(rng, spendable: int) -> int:
+    """A random part of what the user can spend, between 1 cent and all of it."""
+    cents = max(1, int(spendable * rng.random()))
+    style = rng.random()
+    if style < 0.15 and cents >= 100:
+        cents -= cents % 100
+    elif style < 0.30 and cents >= 10:
+        cents -= cents % 10
+    return cents
+
+
+def choose_kind_and_amount(rng, spendable: int) -> tuple[str, int]:
+    roll = rng.random()
+    if spendable <= 0 or roll < EARNED_SHARE:
+        return "earned", earned_cents(rng)
+    kind = "spent" if roll < EARNED_SHARE + SPENT_SHARE else "payout"
+    return kind, share_of(rng, spendable)
+
+
+class MockUpstream:
+    """The pure, in-memory core of the fake upstream; no HTTP here. Thread-safe."""
+
+    def __init__(self, config: MockConfig, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.clock = clock
+        self.start_ms = config.start if config.start is not None else self._now_ms()
+        self._lock = threading.RLock()
+        self._faker = Faker()
+        self._faker.seed_instance(config.seed)
+        self._rng = self._faker.random
+        self.users = UserBook([self._faker.unique.numerify("######") for _ in range(config.users)])
+        self.ledger = Ledger()
+        self._timestamps = TimestampCache()
+        self._invalid_served = 0
+        self._invalid_ratio = config.invalid_ratio
+        self._live_made = 0
+        self._visible_now_ms = self.start_ms
+        self._late_max_ms = int(config.late_max * 1000)
+        # Recent earnings per user, so a late spend never drives an earlier balance negative.
+        late_mode = config.late_ratio > 0 and self._late_max_ms > 0
+        self._recent_earned: list[deque] | None = (
+            [deque() for _ in range(config.users)] if late_mode else None
+        )
+        self._build_history()
+
+    # ------------------------------------------------------------ generation
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _build_history(self) -> None:
+        span_ms = max(1, int(self.config.history_span * 1000))
+        for created_ms in history_instants(self._rng, self.start_ms, span_ms, self.config.history):
+            self._make_transaction(created_ms)
+
+    def _make_transaction(self, created_ms: int, late: bool = False) -> None:
+        rng, book = self._rng, self.users
+        user = int(rng.random() * book.count)
+        spendable = book.balance[user]
+        if late:
+            spendable -= self._earned_since(user, created_ms)
+        kind, cents = choose_kind_and_amount(rng, spendable)
+        book.add(user, kind, cents, created_ms)
+        if self._recent_earned is not None and kind == "earned":
+            self._remember_earning(user, created_ms, cents)
+        tx_id = uuid4_text(rng.getrandbits(128))
+        created_text = self._timestamps.text(created_ms)
+        user_id = book.ids[user]
+        self.ledger.add(created_ms, render_transaction(tx_id, user_id, created_text, kind, cents))
+        if self._invalid_ratio and rng.random() < self._invalid_ratio:
+            self._make_invalid(created_ms, user_id, created_text)
+
+    def _remember_earning(self, user: int, created_ms: int, cents: int) -> None:
+        if created_ms >= self.start_ms - self._late_max_ms:
+            self._recent_earned[user].append((created_ms, cents))
+
+    def _earned_since(self, user: int, created_ms: int) -> int:
+        """What the user earned at or after created_ms: a late spend there may not use it."""
+        recent = self._recent_earned[user]
+        # No later late arrival can land before this: forget what is older (roughly, in
+        # arrival order, which only ever keeps too much).
+        horizon = self._visible_now_ms - self._late_max_ms
+        while recent and recent[0][0] < horizon:
+            recent.popleft()
+        return sum(cents for at_ms, cents in recent if at_ms >= created_ms)
+
+    def _make_invalid(self, created_ms: int, user_id: str, created_text: str) -> None:
+        rng = self._rng
+        cents = earned_cents(rng)
+        fields = {
+            "id": f'"{uuid4_text(rng.getrandbits(128))}"',
+            "userId": f'"{user_id}"',
+            "createdAt": f'"{created_text}"',
+            "type": '"earned"',
+            "amount": f"{cents // 100}.{cents % 100:02d}",
+        }
+        _, breaks = INVALID_KINDS[self._invalid_served % len(INVALID_KINDS)]
+        breaks(fields, rng)
+        self._invalid_served += 1
+        self.ledger.add(created_ms, render_fields(fields))
+
+    def _visible_ms(self, k: int) -> int:
+        return self.start_ms + int(k * 60_000 / self.config.tx_per_minute)
+
+    def _live_due(self, now_ms: int) -> int:
+        """How many live transactions are visible at now_ms."""
+        if self.config.tx_per_minute <= 0 or now_ms < self.start_ms:
+            return 0
+        due = int((now_ms - self.start_ms) * self.config.tx_per_minute / 60_000)
+        while self._visible_ms(due + 1) <= now_ms:
+            due += 1
+        while due > 0 and self._visible_ms(due) > now_ms:
+            due -= 1
+        return due
+
+    def advance(self) -> None:
+        """Materialise every live transaction due up to clock()."""
+        with self._lock:
+            due = self._live_due(self._now_ms())
+            while self._live_made < due:
+                self._live_made += 1
+                self._make_live(self._visible_ms(self._live_made))
+
+    def _make_live(self, visible_ms: int) -> None:
+        rng = self._rng
+        self._visible_now_ms = visible_ms
+        late = self.config.late_ratio > 0 and rng.random() < self.config.late_ratio
+        if late and self._late_max_ms > 0:
+            created = visible_ms - int(rng.random() * self._late_max_ms)
+            self._make_transaction(created, late=True)
+        else:
+            self._make_transaction(visible_ms)
+
+    # ------------------------------------------------------------ queries
+
+    def window(
+        self, start_ms: int | None, end_ms: int | None, page: int, limit: int
+    ) -> tuple[bytes, dict]:
+        """One page of the records with start_ms <= createdAt <= end_ms (None = open end)."""
+        if page < 1 or limit < 1:
+            raise ValueError("page and limit must be at least 1")
+        limit = min(limit, MAX_LIMIT)
+        with self._lock:
+            self.advance()
+            low, high = self.ledger.bounds(start_ms, end_ms)
+            first = min(high, low + (page - 1) * limit)
+            items = self.ledger.texts[first : min(high, first + limit)]
+        total = high - low
+        meta = {
+            "totalItems": total,
+            "itemCount": len(items),
+            "itemsPerPage": limit,
+            "totalPages": math.ceil(total / limit),
+            "currentPage": page,
+        }
+        body = (
+            '{"items":[' + ",".join(items) + '],"meta":' + json.dumps(meta, separators=(",", ":"))
+        )
+        return (body + "}").encode(), meta
+
+    def user_report(self, user_id: str) -> dict | None:
+        """The user's true aggregates over the valid transactions visible so far."""
+        with self._lock:
+            self.advance()
+            user = self.users.index.get(user_id)
+            if user is None or self.users.transactions[user] == 0:
+                return None
+            return self.users.report(user, self.as_of())
+
+    def all_reports(self) -> list[dict]:
+        with self._lock:
+            self.advance()
+            as_of = self.as_of()
+            book = self.users
+            return [book.report(u, as_of) for u in book.in_id_order if book.transactions[u]]
+
+    def payouts(self) -> list[dict]:
+        with self._lock:
+            self.advance()
+            book = self.users
+            return [
+                {
+                    "userId": book.ids[user],
+                    "amount": cents_to_decimal(book.totals["payout"][user]),
+                    "count": book.payout_requests[user],
+                }
+                for user in book.in_id_order
+                if book.payout_requests[user]
+            ]
+
+    def as_of(self) -> str:
+        return format_instant(self._now_ms())
+
+
+# ---------------------------------------------------------------- rate limit
+
+
+@dataclass(frozen=True)
+class BucketState:
+    allowed: bool
+    remaining: int  # whole tokens left after this request
+    retry_after: int  # whole seconds until one token is back (0 when allowed)
+    reset: int  # whole seconds until the bucket is full again
+
+
+class TokenBucket:
+    """``capacity`` requests per ``per`` seconds, refilled continuously. Thread-safe."""
+
+    def __init__(self, capacity: int, per: float, clock: Callable[[], float] = time.monotonic):
+        self.capacity = capacity
+        self.per = per
+        self.rate = capacity / per
+        self.clock = clock
+        self._tokens = float(capacity)
+        self._updated = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> BucketState:
+        with self._lock:
+            now = self.clock()
+            self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
+            self._updated = now
+            allowed = self._tokens >= 1
+            if allowed:
+                self._tokens -= 1
+            retry_after = 0 if allowed else max(1, math.ceil((1 - self._tokens) / self.rate))
+            reset = math.ceil((self.capacity - self._tokens) / self.rate)
+            return BucketState(allowed, math.floor(self._tokens), retry_after, reset)
+
+    def headers(self, state: BucketState) -> dict[str, str]:
+        """The IETF httpapi RateLimit headers (draft-ietf-httpapi-ratelimit-headers)."""
+        return {
+            "RateLimit-Policy": f'"default";q={self.capacity};w={math.ceil(self.per)}',
+            "RateLimit": f'"default";r={state.remaining};t={state.reset}',
+        }
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def problem(status: int, detail: str, headers: Mapping[str, str] | None = None) -> Response:
+    body = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+    return Response(json.dumps(body), status, headers=dict(headers or {}), media_type=PROBLEM_TYPE)
+
+
+_POSITIVE_INTEGER = re.compile(r"[0-9]{1,18}")
+
+
+def _positive_int(params: Mapping[str, str], name: str, default: int) -> int:
+    text = params.get(name) or ""
+    if not text:
+        return default
+    if not _POSITIVE_INTEGER.fullmatch(text) or int(text) < 1:
+        raise BadRequest(f"{name} must be a positive integer, got {text[:40]!r}")
+    return int(text)
+
+
+def _instant(params: Mapping[str, str], name: str) -> int | None:
+    text = params.get(name) or ""
+    if not text:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError as error:
+        raise BadRequest(f"{name}: {error}") from None
+
+
+def parse_window_query(params: Mapping[str, str]) -> tuple[int | None, int | None, int, int]:
+    """startDate, endDate, page, limit from a query; BadRequest says what is wrong.
+
+    An empty value counts as absent; unknown parameters are ignored.
+    """
+    start_ms = _instant(params, "startDate")
+    end_ms = _instant(params, "endDate")
+    if start_ms is not None and end_ms is not None and start_ms > end_ms:
+        raise BadRequest("startDate is after endDate")
+    page = _positive_int(params, "page", 1)
+    limit = min(_positive_int(params, "limit", MAX_LIMIT), MAX_LIMIT)
+    return start_ms, end_ms, page, limit
+
+
+def json_response(text: str | bytes) -> Response:
+    return Response(text, media_type="application/json")
+
+
+def create_app(upstream: MockUpstream, config: MockConfig) -> Starlette:
+    bucket = TokenBucket(config.rate_limit, config.per)
+    document = openapi_document(config)
+    document_text = json.dumps(document, indent=2)
+    docs_page = docs_html(document)
+
+    async def transactions(request: Request) -> Response:
+        state = bucket.take()
+        headers = bucket.headers(state)
+        if not state.allowed:
+            headers["Retry-After"] = str(state.retry_after)
+            detail = f"rate limit of {config.rate_limit} requests per {config.per:g} s exceeded"
+            return problem(429, detail, headers)
+        try:
+            start_ms, end_ms, page, limit = parse_window_query(request.query_params)
+        except BadRequest as error:
+            return problem(400, str(error), headers)
+        if end_ms is None:
+            end_ms = int(upstream.clock() * 1000)
+        body, _ = upstream.window(start_ms, end_ms, page, limit)
+        response = json_response(body)
+        response.headers.update(headers)
+        return response
+
+    async def users(request: Request) -> Response:
+        return json_response(dumps({"items": upstream.all_reports(), "asOf": upstream.as_of()}))
+
+    async def user(request: Request) -> Response:
+        user_id = request.path_params["userId"]
+        report = upstream.user_report(user_id)
+        if report is None:
+            return problem(404, f"no transactions for user {user_id[:80]!r}")
+        return json_response(dumps(report))
+
+    async def payouts(request: Request) -> Response:
+        return json_response(dumps({"items": upstream.payouts(), "asOf": upstream.as_of()}))
+
+    async def openapi(request: Request) -> Response:
+        return json_response(document_text)
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(docs_page)
+
+    async def http_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, HTTPException)
+        detail = {404: f"no route {request.url.path[:200]}"}.get(error.status_code, error.detail)
+        return problem(error.status_code, str(detail), error.headers)
+
+    async def server_error(request: Request, error: Exception) -> Response:
+        return problem(500, f"{type(error).__name__}: the mock failed")
+
+    routes = [
+        Route("/transactions", transactions, methods=["GET"]),
+        Route("/users", users, methods=["GET"]),
+        Route("/users/{userId}", user, methods=["GET"]),
+        Route("/payouts", payouts, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+    ]
+    handlers = {HTTPException: http_error, Exception: server_error}
+    return Starlette(routes=routes, exception_handlers=handlers)
+
+
+# ---------------------------------------------------------------- OpenAPI and /docs
+
+
+def _problem_response(description: str, extra_headers: tuple[str, ...] = ()) -> dict:
+    response = {
+        "description": description,
+        "content": {PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    if extra_headers:
+        response["headers"] = {
+            name: {"$ref": f"#/components/headers/{name}"} for name in extra_headers
+        }
+    return response
+
+
+RATE_HEADERS = ("RateLimit-Policy", "RateLimit")
+
+
+def _query_parameter(name: str, schema: dict, description: str) -> dict:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _transactions_operation(config: MockConfig) -> dict:
+    date_help = (
+        "UTC instant: 'YYYY-MM-DD HH:MM:SS', 'YYYY-MM-DD' or ISO 8601 "
+        "('2023-02-01T00:00:00Z', '2023-02-01T00:00:00.000Z'). Inclusive, to the millisecond."
+    )
+    rate_headers = {name: {"$ref": f"#/components/headers/{name}"} for name in RATE_HEADERS}
+    return {
+        "summary": "Transactions with startDate <= createdAt <= endDate, in createdAt order",
+        "description": (
+            f"Rate limited: {config.rate_limit} requests per {config.per:g} seconds (token "
+            "bucket). Broken records may be mixed in; meta counts every record on the pages."
+        ),
+        "operationId": "listTransactions",
+        "parameters": [
+            _query_parameter("startDate", {"type": "string"}, date_help + " Default: no bound."),
+            _query_parameter("endDate", {"type": "string"}, date_help + " Default: now."),
+            _query_parameter(
+                "page", {"type": "integer", "minimum": 1, "default": 1}, "Page number, from 1."
+            ),
+            _query_parameter(
+                "limit",
+                {"type": "integer", "minimum": 1, "default": MAX_LIMIT},
+                f"Items per page; values above {MAX_LIMIT} are capped at {MAX_LIMIT}.",
+            ),
+        ],
+        "responses": {
+            "200": {
+                "description": "One page of the window",
+                "headers": rate_headers,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Page"}}},
+            },
+            "400": _problem_response("A parameter is malformed", RATE_HEADERS),
+            "429": _problem_response(
+                "Over the rate limit: wait Retry-After seconds", (*RATE_HEADERS, "Retry-After")
+            ),
+        },
+    }
+
+
+def _get(summary: str, operation_id: str, schema_ref: str, **extra) -> dict:
+    return {
+        "get": {
+            "summary": summary,
+            "operationId": operation_id,
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": f"#/components/schemas/{schema_ref}"}
+                        }
+                    },
+                },
+                **extra,
+            },
+        }
+    }
+
+
+def _components() -> dict:
+    page_meta = {
+        "type": "object",
+        "required": ["totalItems", "itemCount", "itemsPerPage", "totalPages", "currentPage"],
+        "properties": {
+            name: {"type": "integer", "minimum": 0}
+            for name in ("totalItems", "itemCount", "itemsPerPage", "totalPages", "currentPage")
+        },
+    }
+    payout = {
+        "type": "object",
+        "required": ["userId", "amount", "count"],
+        "properties": {
+            "userId": {"type": "string"},
+            "amount": {"type": "number", "description": "all payout requests added, SCR"},
+            "count": {"type": "integer", "minimum": 1},
+        },
+    }
+
+    def listing(item: str) -> dict:
+        return {
+            "type": "object",
+            "required": ["items", "asOf"],
+            "properties": {
+                "items": {"type": "array", "items": {"$ref": f"#/components/schemas/{item}"}},
+                "asOf": {"type": "string", "format": "date-time"},
+            },
+        }
+
+    return {
+        "schemas": {
+            "Transaction": deepcopy(TRANSACTION_SCHEMA),
+            "PageMeta": page_meta,
+            "Page": {
+                "type": "object",
+                "required": ["items", "meta"],
+                "properties": {
+                    "items": {
+                        "type": "array",
+                        "items": {"$ref": "#/components/schemas/Transaction"},
+                    },
+                    "meta": {"$ref": "#/components/schemas/PageMeta"},
+                },
+            },
+            "UserReport": deepcopy(USER_REPORT_SCHEMA),
+            "UserList": listing("UserReport"),
+            "Payout": payout,
+            "PayoutList": listing("Payout"),
+            "Problem": deepcopy(PROBLEM_SCHEMA),
+        },
+        "headers": {
+            "RateLimit-Policy": {
+                "description": 'The quota: "default";q=<requests>;w=<window seconds>',
+                "schema": {"type": "string"},
+            },
+            "RateLimit": {
+                "description": 'The budget left: "default";r=<requests>;t=<seconds until full>',
+                "schema": {"type": "string"},
+            },
+            "Retry-After": {
+                "description": "Whole seconds until a request is allowed again",
+                "schema": {"type": "integer", "minimum": 1},
+            },
+        },
+    }
+
+
+def openapi_document(config: MockConfig) -> dict:
+    """The OpenAPI 3.1 description of every route this mock serves."""
+    not_found = _problem_response("No transaction of this user is visible yet")
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "txagg mock Transaction API",
+            "version": __version__,
+            "description": (
+                "A deterministic fake of the upstream Transaction API, with its own ground truth. "
+                "Errors are application/problem+json: 404 for unknown routes, 405 for other "
+                "methods than GET."
+            ),
+        },
+        "paths": {
+            "/transactions": {"get": _transactions_operation(config)},
+            "/users": _get("Every user's true aggregates, by userId", "listUsers", "UserList"),
+            "/users/{userId}": {
+                **_get("One user's true aggregates", "getUser", "UserReport", **{"404": not_found}),
+                "parameters": [
+                    {"name": "userId", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+            },
+            "/payouts": _get(
+                "Requested payouts per user (users with none left out)", "listPayouts", "PayoutList"
+            ),
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "operationId": "openapi",
+                    "responses": {"200": {"description": "OpenAPI 3.1 JSON"}},
+                }
+            },
+            "/docs": {
+                "get": {
+                    "summary": "Human-readable list of the routes",
+                    "operationId": "docs",
+                    "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+                }
+            },
+        },
+        "components": _components(),
+    }
+
+
+def _parameters_table(parameters: list[dict]) -> str:
+    if not parameters:
+        return ""
+    rows = "".join(
+        "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
+            *(
+                html.escape(str(value))
+                for value in (
+                    parameter["name"],
+                    parameter["in"],
+                    parameter["schema"].get("type", ""),
+                    parameter.get("description", ""),
+                )
+            )
+        )
+        for parameter in parameters
+    )
+    head = "<tr><th>parameter</th><th>in</th><th>type</th><th>description</th></tr>"
+    return f"<table>{head}{rows}</table>"
+
+
+def _operation_html(path: str, method: str, operation: dict, shared_parameters: list) -> str:
+    parameters = shared_parameters + operation.get("parameters", [])
+    responses = ", ".join(
+        f"<code>{code}</code> {html.escape(response['description'])}"
+        for code, response in operation["responses"].items()
+    )
+    description = operation.get("description", "")
+    return (
+        f"<section><h2><span class=m>{method.upper()}</span> <code>{html.escape(path)}</code></h2>"
+        f"<p>{html.escape(operation['summary'])}</p>"
+        + (f"<p>{html.escape(description)}</p>" if description else "")
+        + _parameters_table(parameters)
+        + f"<p>Responses: {responses}</p></section>"
+    )
+
+
+def docs_html(document: dict) -> str:
+    """A self-contained page (no CDN: it must work offline) listing the routes of the document."""
+    sections = []
+    for path, item in document["paths"].items():
+        shared = item.get("parameters", [])
+        for method, operation in item.items():
+            if method != "parameters":
+                sections.append(_operation_html(path, method, operation, shared))
+    info = document["info"]
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;"
+        "text-align:left}.m{background:#2a6;color:#fff;padding:0 .4em;border-radius:3px}"
+    )
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{html.escape(info['title'])}</title><style>{style}</style></head><body>"
+        f"<h1>{html.escape(info['title'])} {html.escape(info['version'])}</h1>"
+        f"<p>{html.escape(info['description'])}</p>"
+        '<p>Machine-readable: <a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1)</p>'
+        + "".join(sections)
+        + "</body></html>"
+    )
+
+
+# ---------------------------------------------------------------- running it
+
+
+class _Server(uvicorn.Server):
+    """uvicorn that reports when it listens and exits quietly on SIGINT/SIGTERM."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]):
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self._on_started()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises the signal after shutting down; a mock that was asked to stop has
+        # done its job, so it returns normally instead.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _bind(host: str, port: int) -> tuple[socket.socket, str]:
+    """A bound socket (so port 0 is resolved here) and the base URL it serves."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    return sock, f"http://{shown}:{bound_port}"
+
+
+def _uvicorn_config(app: Starlette) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3
+    )
+
+
+def serve(config: MockConfig, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve the mock until SIGINT/SIGTERM; on_ready(base_url) once it listens."""
+    sock, url = _bind(config.host, config.port)
+    with sock:
+        app = create_app(MockUpstream(config), config)
+        server = _Server(_uvicorn_config(app), lambda: on_ready and on_ready(url))
+        server.run(sockets=[sock])
+
+
+def start_in_thread(config: MockConfig) -> tuple[str, Callable[[], None]]:
+    """Run the mock in a daemon thread; returns its base URL and a stop() that shuts it down."""
+    sock, url = _bind(config.host, config.port)
+    try:
+        app = create_app(MockUpstream(config), config)
+    except BaseException:
+        sock.close()
+        raise
+    ready = threading.Event()
+    server = _Server(_uvicorn_config(app), ready.set)
+    thread = threading.Thread(
+        target=lambda: asyncio.run(server.serve(sockets=[sock])), name="txagg-mock", daemon=True
+    )
+    thread.start()
+    while not ready.wait(0.05):
+        if not thread.is_alive():
+            sock.close()
+            raise RuntimeError(f"the mock upstream on {url} did not start")
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+    return url, stop
