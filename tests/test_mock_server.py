@@ -14,8 +14,10 @@ import pytest
 from txagg.mock_server import (
     INVALID_KINDS,
     MAX_LIMIT,
+    BucketState,
     MockConfig,
     MockUpstream,
+    TokenBucket,
     history_instants,
     start_in_thread,
     uuid4_text,
@@ -370,6 +372,17 @@ def test_a_user_without_visible_transactions_is_unknown():
 
 
 # ---------------------------------------------------------------- rate limit
+
+
+def test_the_token_bucket_refills_continuously():
+    clock = FakeClock(0.0)
+    bucket = TokenBucket(2, 60, clock=clock)
+    assert [bucket.take().allowed for _ in range(3)] == [True, True, False]
+    assert bucket.take() == BucketState(False, 0, 30, 60)
+    clock.now = 45.0  # one and a half tokens back
+    assert bucket.take() == BucketState(True, 0, 0, 45)
+    clock.now = 1000.0
+    assert bucket.take() == BucketState(True, 1, 0, 30)
 
 
 def test_the_token_bucket_answers_429_with_retry_after_and_ratelimit_headers():

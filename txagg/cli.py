@@ -343,21 +343,24 @@ def mock_serve(
     """Run the rate-limited fake Transaction API, with its ground truth at /users."""
     from .mock_server import MockConfig, serve
 
-    config = MockConfig(
-        host=host,
-        port=port,
-        seed=seed,
-        users=users,
-        history=history,
-        history_span=history_span,
-        tx_per_minute=tx_per_minute,
-        rate_limit=rate_limit,
-        per=per,
-        late_ratio=late_ratio,
-        late_max=late_max,
-        invalid_ratio=invalid_ratio,
-        start=parse_instant(start, "--start"),
-    )
+    try:
+        config = MockConfig(
+            host=host,
+            port=port,
+            seed=seed,
+            users=users,
+            history=history,
+            history_span=history_span,
+            tx_per_minute=tx_per_minute,
+            rate_limit=rate_limit,
+            per=per,
+            late_ratio=late_ratio,
+            late_max=late_max,
+            invalid_ratio=invalid_ratio,
+            start=parse_instant(start, "--start"),
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
 
     def on_ready(url: str) -> None:
         print(f"txagg mock-serve listening on {url}", flush=True)

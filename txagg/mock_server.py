@@ -477,7 +477,7 @@ class TokenBucket:
     def __init__(self, capacity: int, per: float, clock: Callable[[], float] = time.monotonic):
         self.capacity = capacity
         self.per = per
-        self.rate = capacity / per
+        self.rate = capacity / per  # tokens a second
         self.clock = clock
         self._tokens = float(capacity)
         self._updated = clock()
@@ -491,9 +491,13 @@ class TokenBucket:
             allowed = self._tokens >= 1
             if allowed:
                 self._tokens -= 1
-            retry_after = 0 if allowed else max(1, math.ceil((1 - self._tokens) / self.rate))
-            reset = math.ceil((self.capacity - self._tokens) / self.rate)
+            retry_after = 0 if allowed else max(1, self._seconds_to_refill(1 - self._tokens))
+            reset = self._seconds_to_refill(self.capacity - self._tokens)
             return BucketState(allowed, math.floor(self._tokens), retry_after, reset)
+
+    def _seconds_to_refill(self, tokens: float) -> int:
+        # Rounded up, but float noise (30.000000000000004) is no reason for an extra second.
+        return math.ceil(round(tokens * self.per / self.capacity, 6))
 
     def headers(self, state: BucketState) -> dict[str, str]:
         """The IETF httpapi RateLimit headers (draft-ietf-httpapi-ratelimit-headers)."""
