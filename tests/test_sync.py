@@ -35,10 +35,11 @@ def assert_exact(store: Store, url: str) -> None:
 
 def test_backfill_reads_full_pages_only(start_mock, store):
     url = start_mock(seed=2, users=300, history=25_000, start=START, **UNLIMITED)
-    summary = sync(store, options(url, overlap=0))
+    summary = sync(store, options(url))
     assert summary.new == 25_000
-    # 25 full pages and the empty page that ends the window; nothing else
-    assert (summary.requests, summary.pages, summary.duplicates) == (26, 26, 0)
+    # 25 full pages, the empty page that ends the window, one count that checks all of it
+    assert (summary.requests, summary.pages, summary.duplicates) == (27, 26, 0)
+    assert (summary.checks, summary.repairs) == (1, 0)
     assert_exact(store, url)
 
 

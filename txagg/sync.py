@@ -76,7 +76,7 @@ class SyncOptions:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     interval: float = 30.0  # --follow: seconds between polls
-    check_every: float = 60.0  # seconds between late-arrival checks
+    check_every: float | None = 60.0  # seconds between late-arrival checks; None: never
     max_repair_requests: int = 20  # per check: bounds re-reads when the upstream's meta lies
 
 
@@ -140,11 +140,13 @@ class Upstream:
         summary: SyncSummary,
         sleep: Callable[[float], None],
         transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.store = store
         self.options = options
         self.summary = summary
         self.sleep = sleep
+        self.clock = clock
         self.http = httpx.Client(
             base_url=options.api_url.rstrip("/"),
             timeout=options.timeout,
@@ -175,6 +177,9 @@ class Upstream:
     def close(self) -> None:
         self.http.close()
 
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
     def fetch(self, start_ms: int, end_ms: int, page: int, limit: int) -> Page:
         try:
             for attempt in self.retrying:
@@ -196,7 +201,7 @@ class Upstream:
         if options.max_requests is not None and self.summary.requests >= options.max_requests:
             raise RequestLimitReached()
         while True:
-            wait = self.store.take_token(options.rate_limit, options.per)
+            wait = self.store.take_token(options.rate_limit, options.per, self.clock())
             if wait == 0.0:
                 self.summary.requests += 1
                 return
@@ -220,7 +225,7 @@ class Upstream:
             default = self.options.per / self.options.rate_limit
             retry_after = parse_retry_after(response.headers.get("Retry-After"), default)
             self.summary.throttled += 1
-            self.store.block_until(time.time() + retry_after)
+            self.store.block_until(self.clock() + retry_after)
             raise Throttled(retry_after)
         if response.status_code >= 500:
             raise TransientError(f"HTTP {response.status_code}")
@@ -246,6 +251,93 @@ def _parse_page(content: bytes) -> Page:
     return Page(body["items"], total)
 
 
+class Reconciler:
+    """Compares windows of the store with the upstream's counts and re-reads what is short.
+
+    One ``limit=1`` request gives the upstream's count for a window. A shortfall is bisected
+    with more counts down to pieces of one page, which are re-read. ``budget`` (a one-item
+    list, shared down the recursion) bounds the requests, so an upstream whose ``meta`` lies
+    costs a fixed amount; what stays unexplained is recorded as a discrepancy for ``status``.
+    """
+
+    def __init__(self, store: Store, upstream: Upstream, summary: SyncSummary, page_size: int):
+        self.store = store
+        self.upstream = upstream
+        self.summary = summary
+        self.page_size = page_size
+
+    def reconcile(self, low: int, high: int, budget: list[int]) -> dict:
+        budget[0] -= 1
+        total = self.count(low, high)
+        open_, closed = self.store.count_window(low, high)
+        found = {
+            "window": [format_instant(low), format_instant(high)],
+            "upstream": total,
+            "stored": closed,
+        }
+        if total is None:
+            self.discrepancy(low, high, None, "the upstream gave no count")
+        elif total > closed:
+            self._repair(low, high, total, budget)
+            found["repairedTo"] = self.store.count_window(low, high)[1]
+        elif total < open_:
+            self.discrepancy(low, high, total, "the upstream counts fewer than the store holds")
+        return found
+
+    def count(self, start: int, end: int) -> int | None:
+        return self.upstream.fetch(start, end, 1, 1).total
+
+    def _repair(self, start: int, end: int, total: int, budget: list[int]) -> None:
+        if total <= self.page_size or end - start <= 1000:
+            self._reread(start, end, total, budget)
+            return
+        middle = (start + (end - start) // 2) // 1000 * 1000
+        if budget[0] < 2:
+            self.discrepancy(start, end, total, "repair budget spent")
+            return
+        budget[0] -= 2
+        halves = [
+            (start, middle, self.count(start, middle)),
+            (middle, end, self.count(middle, end)),
+        ]
+        if any(half is None for _, _, half in halves):
+            self.discrepancy(start, end, total, "the upstream gave no count")
+            return
+        on_the_cut = self.store.count_window(middle, middle)[1]
+        if halves[0][2] + halves[1][2] + on_the_cut < total:
+            self.discrepancy(start, end, total, "the upstream's counts do not add up")
+            return
+        for low, high, half in halves:
+            if half > self.store.count_window(low, high)[1]:
+                self._repair(low, high, half, budget)
+
+    def _reread(self, start: int, end: int, total: int, budget: list[int]) -> None:
+        self.summary.repairs += 1
+        page = 1
+        while budget[0] > 0:
+            budget[0] -= 1
+            result = self.upstream.fetch(start, end, page, self.page_size)
+            self.summary.add_ingest(self.store.ingest(result.items))
+            self.summary.pages += 1
+            if len(result.items) < self.page_size:
+                break
+            page += 1
+        if self.store.count_window(start, end)[1] < total:
+            self.discrepancy(start, end, total, "still short after re-reading")
+
+    def discrepancy(self, start: int, end: int, total: int | None, why: str) -> None:
+        self.summary.discrepancies += 1
+        found = {
+            "window": [format_instant(start), format_instant(end)],
+            "upstream": total,
+            "stored": self.store.count_window(start, end)[1],
+            "why": why,
+            "at": format_instant(self.upstream.now_ms()),
+        }
+        recorded = self.store.state_value("discrepancies", [])
+        self.store.put_state(discrepancies=(recorded + [found])[-MAX_DISCREPANCIES:])
+
+
 class Syncer:
     """Runs sync against one store. ``run()`` catches up once; ``follow()`` keeps at it."""
 
@@ -258,6 +350,8 @@ class Syncer:
         on_error: Callable[[str], None] | None = None,
         stop: threading.Event | None = None,
         transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] | None = None,
     ):
         self.store = store
         self.options = options
@@ -265,7 +359,11 @@ class Syncer:
         self.on_page = on_page or (lambda summary: None)
         self.on_error = on_error or (lambda message: None)
         self.stop = stop or threading.Event()
-        self.upstream = Upstream(store, options, self.summary, self._sleep, transport)
+        self.clock = clock
+        self.upstream = Upstream(
+            store, options, self.summary, sleep or self._sleep, transport, clock
+        )
+        self.reconciler = Reconciler(store, self.upstream, self.summary, options.page_size)
 
     def close(self) -> None:
         self.upstream.close()
@@ -273,6 +371,9 @@ class Syncer:
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):
             raise SyncStopped()
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
 
     # ------------------------------------------------------------ cursor
 
@@ -286,7 +387,7 @@ class Syncer:
 
     def run(self, *, defer_full_pages: bool = False) -> SyncSummary:
         """Read everything up to now - settle; returns the summary (complete=False if cut short)."""
-        end = int(time.time() - self.options.settle) * 1000
+        end = int(self.clock() - self.options.settle) * 1000
         try:
             caught_up = self._read_until(end, defer_full_pages)
             if caught_up and self._check_due():
@@ -319,76 +420,28 @@ class Syncer:
     # ------------------------------------------------------------ late arrivals
 
     def _check_due(self) -> bool:
+        if self.options.check_every is None:
+            return False
         last = self.store.state_value("last_check_ms")
-        return last is None or time.time() * 1000 - last >= self.options.check_every * 1000
+        return last is None or self._now_ms() - last >= self.options.check_every * 1000
 
     def check(self) -> dict:
-        """Compare [position - overlap, position] with the upstream's count; repair a shortfall."""
-        start, _page, position, _as_of = self._cursor()
-        low = max(self.options.since, position - int(self.options.overlap * 1000))
-        low = low // 1000 * 1000
-        now_ms = int(time.time() * 1000)
-        found: dict = {
-            "at": format_instant(now_ms),
-            "window": [format_instant(low), format_instant(position)],
-        }
-        if position <= low:
-            self.store.put_state(last_check=found, last_check_ms=now_ms)
-            return found
-        self.summary.checks += 1
-        budget = [self.options.max_repair_requests]
-        upstream_total = self._count(low, position)
-        found["upstream"] = upstream_total
-        found["stored"] = self.store.count_window(low, position)[1]
-        if upstream_total is not None and upstream_total > found["stored"]:
-            self._repair(low, position, upstream_total, budget)
-            found["repairedTo"] = self.store.count_window(low, position)[1]
-        self.store.put_state(last_check=found, last_check_ms=now_ms)
+        """Reconcile what late arrivals may still change: [verified_until or position - overlap,
+        position]. A window counts as verified once a check ran ``overlap`` after its end,
+        when every late arrival the contract allows is visible."""
+        _start, _page, position, _as_of = self._cursor()
+        now_ms = self._now_ms()
+        overlap_ms = int(self.options.overlap * 1000)
+        verified = self.store.state_value("verified_until", self.options.since)
+        low = max(self.options.since, min(verified, position - overlap_ms)) // 1000 * 1000
+        found: dict = {"at": format_instant(now_ms)}
+        if position > low:
+            self.summary.checks += 1
+            budget = [self.options.max_repair_requests]
+            found.update(self.reconciler.reconcile(low, position, budget))
+        verified = max(verified, min(position, now_ms - overlap_ms))
+        self.store.put_state(last_check=found, last_check_ms=now_ms, verified_until=verified)
         return found
-
-    def _count(self, start: int, end: int) -> int | None:
-        return self.upstream.fetch(start, end, 1, 1).total
-
-    def _repair(self, start: int, end: int, upstream_total: int, budget: list[int]) -> None:
-        if upstream_total <= self.options.page_size or end - start <= 1000:
-            self._reread(start, end, upstream_total, budget)
-            return
-        middle = (start + (end - start) // 2) // 1000 * 1000
-        for low, high in ((start, middle), (middle, end)):
-            if budget[0] <= 0:
-                self._discrepancy(low, high, None, "repair budget spent")
-                return
-            budget[0] -= 1
-            total = self._count(low, high)
-            if total is not None and total > self.store.count_window(low, high)[1]:
-                self._repair(low, high, total, budget)
-
-    def _reread(self, start: int, end: int, upstream_total: int, budget: list[int]) -> None:
-        self.summary.repairs += 1
-        page = 1
-        while budget[0] > 0:
-            budget[0] -= 1
-            result = self.upstream.fetch(start, end, page, self.options.page_size)
-            self.summary.add_ingest(self.store.ingest(result.items))
-            self.summary.pages += 1
-            if len(result.items) < self.options.page_size:
-                break
-            page += 1
-        stored = self.store.count_window(start, end)[1]
-        if stored < upstream_total:
-            self._discrepancy(start, end, upstream_total, "still short after re-reading")
-
-    def _discrepancy(self, start: int, end: int, upstream_total: int | None, why: str) -> None:
-        self.summary.discrepancies += 1
-        found = {
-            "window": [format_instant(start), format_instant(end)],
-            "upstream": upstream_total,
-            "stored": self.store.count_window(start, end)[1],
-            "why": why,
-            "at": format_instant(int(time.time() * 1000)),
-        }
-        recorded = self.store.state_value("discrepancies", [])
-        self.store.put_state(discrepancies=(recorded + [found])[-MAX_DISCREPANCIES:])
 
     # ------------------------------------------------------------ forever
 
@@ -413,10 +466,10 @@ class Syncer:
         _start, _page, position, as_of = self._cursor()
         self.summary.position = format_instant(position)
         self.summary.asOf = format_instant(as_of)
-        self.summary.lagSeconds = max(0, int(time.time() - as_of / 1000))
+        self.summary.lagSeconds = max(0, (self._now_ms() - as_of) // 1000)
         self.store.put_state(
             last_run={
-                "at": format_instant(int(time.time() * 1000)),
+                "at": format_instant(self._now_ms()),
                 "requests": self.summary.requests,
                 "newTransactions": self.summary.new,
                 "complete": self.summary.complete,

@@ -1,0 +1,156 @@
+"""Property-based tests of the window / overlap logic (hypothesis).
+
+An in-memory upstream (httpx.MockTransport) and a fake clock: transactions become visible up to
+``overlap`` after their createdAt, windows may be inclusive or exclusive at either end, pages
+shift while they are read, runs happen at arbitrary times and are cut off after arbitrary
+numbers of requests (a kill between two commits). Whatever happens, once everything is visible
+and one more run has checked, the store holds exactly the upstream's set.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import httpx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from txagg.models import format_timestamp, parse_time
+from txagg.store import Store
+from txagg.sync import Syncer, SyncOptions
+
+BASE_S = 1_700_000_000
+OVERLAP_S = 60
+SETTLE_S = 2
+
+
+class FakeClock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeUpstream:
+    """Items (id, createdAt ms, visible-at s); answers /transactions like the contract allows."""
+
+    def __init__(self, items, clock: FakeClock, inclusive_start: bool, inclusive_end: bool):
+        self.items = items
+        self.clock = clock
+        self.inclusive_start = inclusive_start
+        self.inclusive_end = inclusive_end
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        query = request.url.params
+        start = parse_time(query["startDate"])
+        end = parse_time(query["endDate"])
+        page, limit = int(query["page"]), int(query["limit"])
+        visible = sorted(
+            (created, tx_id)
+            for tx_id, created, visible_at in self.items
+            if visible_at <= self.clock.now
+            and (created >= start if self.inclusive_start else created > start)
+            and (created <= end if self.inclusive_end else created < end)
+        )
+        chunk = visible[(page - 1) * limit : page * limit]
+        items = [
+            {
+                "id": tx_id,
+                "userId": f"{int(tx_id[2:]) % 7:06d}",
+                "createdAt": format_timestamp(created),
+                "type": "earned",
+                "amount": 1,
+            }
+            for created, tx_id in reversed(chunk)  # any order inside a page
+        ]
+        meta = {"totalItems": len(visible), "itemCount": len(items), "currentPage": page}
+        return httpx.Response(200, json={"items": items, "meta": meta})
+
+
+arrivals = st.lists(
+    st.tuples(
+        st.integers(0, 600),  # createdAt, seconds after BASE
+        st.sampled_from([0, 0, 1, 500, 999]),  # milliseconds: many on a whole second
+        st.floats(0, OVERLAP_S - SETTLE_S - 1),  # how late it becomes visible
+    ),
+    min_size=1,
+    max_size=120,
+)
+runs = st.lists(
+    st.tuples(st.integers(0, 700), st.one_of(st.none(), st.integers(1, 4))),
+    max_size=12,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    arrivals=arrivals,
+    runs=runs,
+    inclusive_start=st.booleans(),
+    inclusive_end=st.booleans(),
+    page_size=st.sampled_from([3, 10, 1000]),
+)
+def test_the_store_ends_equal_to_the_upstream(
+    tmp_path_factory, arrivals, runs, inclusive_start, inclusive_end, page_size
+):
+    items = [
+        (f"tx{n}", (BASE_S + second) * 1000 + millis, BASE_S + second + millis / 1000 + delay)
+        for n, (second, millis, delay) in enumerate(arrivals)
+    ]
+    clock = FakeClock(BASE_S)
+    upstream = FakeUpstream(items, clock, inclusive_start, inclusive_end)
+    transport = httpx.MockTransport(upstream.handle)
+    path = tmp_path_factory.mktemp("prop") / "store.db"
+
+    def run(max_requests=None):
+        options = SyncOptions(
+            api_url="http://upstream.test",
+            since=BASE_S * 1000 - 10_000,
+            settle=SETTLE_S,
+            overlap=OVERLAP_S,
+            check_every=0,
+            page_size=page_size,
+            rate_limit=1000,
+            per=1,
+            max_requests=max_requests,
+            max_repair_requests=200,
+        )
+        with Store.open(path) as store:
+            syncer = Syncer(store, options, transport=transport, clock=clock, sleep=clock.sleep)
+            try:
+                syncer.run()
+            finally:
+                syncer.close()
+
+    for at, max_requests in sorted(runs, key=lambda r: r[0]):
+        clock.now = max(clock.now, BASE_S + at)
+        run(max_requests)
+    clock.now = max(clock.now, BASE_S + 700 + OVERLAP_S)  # everything is visible by now
+    run()
+    with Store.open(path) as store:
+        stored = {row[0] for row in store.conn.execute("SELECT id FROM transactions")}
+        assert stored == {tx_id for tx_id, _, _ in items}
+        assert store.counters()["transactions"] == len(items)
+        totals = sum(row[0] for row in store.conn.execute("SELECT earned FROM users"))
+        assert totals == 100 * len(items)
+        assert not store.state_value("discrepancies")
+
+
+def test_the_fake_upstream_is_honest():
+    clock = FakeClock(BASE_S + 10)
+    upstream = FakeUpstream([("tx1", BASE_S * 1000, BASE_S)], clock, True, True)
+    day = datetime.fromtimestamp(BASE_S, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    request = httpx.Request(
+        "GET",
+        "http://u/transactions",
+        params={"startDate": day, "endDate": day, "page": 1, "limit": 5},
+    )
+    body = json.loads(upstream.handle(request).content)
+    assert body["meta"]["totalItems"] == 1 and body["items"][0]["id"] == "tx1"
