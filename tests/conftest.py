@@ -13,9 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 
-from txagg.models import dumps
+from txagg.models import dumps, format_timestamp, parse_time
 from txagg.store import Store
 
 START = 1_700_000_000_000  # a fixed clock anchor (2023-11-14T22:13:20Z) for reproducible data
@@ -187,3 +188,50 @@ def mock_process():
     yield start
     for process in processes:
         process.stop()
+
+
+class FakeClock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeUpstream:
+    """Items (id, createdAt ms, visible-at s); answers /transactions like the contract allows."""
+
+    def __init__(self, items, clock: FakeClock, inclusive_start: bool, inclusive_end: bool):
+        self.items = items
+        self.clock = clock
+        self.inclusive_start = inclusive_start
+        self.inclusive_end = inclusive_end
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        query = request.url.params
+        start = parse_time(query["startDate"])
+        end = parse_time(query["endDate"])
+        page, limit = int(query["page"]), int(query["limit"])
+        visible = sorted(
+            (created, tx_id)
+            for tx_id, created, visible_at in self.items
+            if visible_at <= self.clock.now
+            and (created >= start if self.inclusive_start else created > start)
+            and (created <= end if self.inclusive_end else created < end)
+        )
+        chunk = visible[(page - 1) * limit : page * limit]
+        items = [
+            {
+                "id": tx_id,
+                "userId": f"{int(tx_id[2:]) % 7:06d}",
+                "createdAt": format_timestamp(created),
+                "type": "earned",
+                "amount": 1,
+            }
+            for created, tx_id in reversed(chunk)  # any order inside a page
+        ]
+        meta = {"totalItems": len(visible), "itemCount": len(items), "currentPage": page}
+        return httpx.Response(200, json={"items": items, "meta": meta})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from decimal import Decimal
 
@@ -9,7 +10,7 @@ import pytest
 from conftest import START, page, record
 
 from txagg.store import Store
-from txagg.sync import SyncOptions, UpstreamError, parse_retry_after, sync
+from txagg.sync import Syncer, SyncOptions, UpstreamError, parse_retry_after, sync
 
 
 def options(url: str, **extra) -> SyncOptions:
@@ -176,3 +177,29 @@ def test_a_lying_count_is_recorded_not_chased_forever(scripted, store):
     assert summary.discrepancies >= 1
     assert len(server.requests) <= 1 + 1 + 5
     assert store.state_value("discrepancies")[0]["upstream"] == 500
+
+
+def test_follow_rides_out_an_upstream_outage_and_resumes_by_itself(scripted, store):
+    server = scripted([(503, {}, b"down for maintenance")])
+    errors = []
+    stop = threading.Event()
+    syncer = Syncer(
+        store,
+        options(server.url, retry_for=0.2, interval=0.1),
+        stop=stop,
+        on_error=errors.append,
+    )
+    follower = threading.Thread(target=syncer.follow)
+    follower.start()
+    time.sleep(1.0)
+    assert follower.is_alive() and errors  # down: reported, still following
+    server.script = [paged([record(n) for n in range(7)])]
+    deadline = time.monotonic() + 10
+    while store.counters().get("transactions", 0) < 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    follower.join(timeout=10)
+    syncer.close()
+    assert not follower.is_alive()
+    assert store.counters()["transactions"] == 7
+    assert "unavailable" in syncer.summary.errors[0]

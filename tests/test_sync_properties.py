@@ -13,63 +13,16 @@ import json
 from datetime import UTC, datetime
 
 import httpx
+from conftest import FakeClock, FakeUpstream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from txagg.models import format_timestamp, parse_time
 from txagg.store import Store
 from txagg.sync import Syncer, SyncOptions
 
 BASE_S = 1_700_000_000
 OVERLAP_S = 60
 SETTLE_S = 2
-
-
-class FakeClock:
-    def __init__(self, now: float):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class FakeUpstream:
-    """Items (id, createdAt ms, visible-at s); answers /transactions like the contract allows."""
-
-    def __init__(self, items, clock: FakeClock, inclusive_start: bool, inclusive_end: bool):
-        self.items = items
-        self.clock = clock
-        self.inclusive_start = inclusive_start
-        self.inclusive_end = inclusive_end
-
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        query = request.url.params
-        start = parse_time(query["startDate"])
-        end = parse_time(query["endDate"])
-        page, limit = int(query["page"]), int(query["limit"])
-        visible = sorted(
-            (created, tx_id)
-            for tx_id, created, visible_at in self.items
-            if visible_at <= self.clock.now
-            and (created >= start if self.inclusive_start else created > start)
-            and (created <= end if self.inclusive_end else created < end)
-        )
-        chunk = visible[(page - 1) * limit : page * limit]
-        items = [
-            {
-                "id": tx_id,
-                "userId": f"{int(tx_id[2:]) % 7:06d}",
-                "createdAt": format_timestamp(created),
-                "type": "earned",
-                "amount": 1,
-            }
-            for created, tx_id in reversed(chunk)  # any order inside a page
-        ]
-        meta = {"totalItems": len(visible), "itemCount": len(items), "currentPage": page}
-        return httpx.Response(200, json={"items": items, "meta": meta})
 
 
 arrivals = st.lists(

@@ -37,18 +37,24 @@ def _fast_report(argv: list[str]) -> int | None:
     if "TXAGG_EUR_PER_SCR" in os.environ:
         return None
 
+    import sqlite3
+
     from .models import dumps
     from .report import UnknownUser, user_report
-    from .store import Store, StoreError, default_db_path
+    from .store import Store, StoreError, default_db_path, explain
 
+    path = db or default_db_path()
     try:
-        with Store.open(db or default_db_path(), create=False) as store:
+        with Store.open(path, create=False) as store:
             body = user_report(store, user_id)
     except UnknownUser as error:
         print(f"Error: {error}", file=sys.stderr)
         return EXIT_NO_SUCH_USER
     except StoreError as error:
         print(f"Error: {error}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as error:
+        print(f"Error: {explain(error, path)}", file=sys.stderr)
         return 1
     sys.stdout.write(dumps(body) + "\n")
     return 0
@@ -65,6 +71,7 @@ def main() -> None:
     except Exception as error:  # a bug: say so in one line, the traceback only on request
         if os.environ.get("TXAGG_DEBUG"):
             raise
+
         print(f"Error: internal error: {error!r} (set TXAGG_DEBUG=1 for details)", file=sys.stderr)
         sys.exit(1)
 

@@ -7,8 +7,11 @@ Core errors are exceptions; this edge turns them into a message on stderr and an
 from __future__ import annotations
 
 import signal
+import sqlite3
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
@@ -18,7 +21,7 @@ import typer
 
 from .models import dumps, parse_time
 from .report import DEFAULT_EUR_PER_SCR, UnknownUser, payouts_report, status_report, user_report
-from .store import Store, StoreError, SyncLocked, default_db_path
+from .store import Store, StoreError, SyncLocked, default_db_path, explain
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -40,6 +43,12 @@ class DateFormat(StrEnum):
     iso = "iso"
 
 
+DateFormatOption = Annotated[
+    DateFormat,
+    typer.Option(help="How window bounds are sent: sql (YYYY-MM-DD HH:MM:SS) or iso."),
+]
+
+
 DbOption = Annotated[
     Optional[Path],
     typer.Option(
@@ -54,6 +63,17 @@ JsonOption = Annotated[
 ]
 RateOption = Annotated[int, typer.Option("--rate-limit", min=1, help="Requests allowed ...")]
 PerOption = Annotated[float, typer.Option("--per", min=0.001, help="... per this many seconds.")]
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+ApiUrlOption = Annotated[
+    str, typer.Option(envvar="TXAGG_API_URL", help="The Transaction API's base URL.")
+]
+MaxRequestsOption = Annotated[
+    Optional[int], typer.Option(min=1, help="Stop after this many upstream requests.")
+]
+TimeoutOption = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for an answer.")]
+RetryForOption = Annotated[
+    float, typer.Option(min=0.0, help="Give up on a failing upstream after this many seconds.")
+]
 EurOption = Annotated[
     str,
     typer.Option("--eur-per-scr", envvar="TXAGG_EUR_PER_SCR", help="EUR paid out per SCR."),
@@ -77,11 +97,17 @@ def print_json(body: object) -> None:
     sys.stdout.flush()
 
 
-def open_store(db: Path | None, *, create: bool = False) -> Store:
+@contextmanager
+def open_store(db: Path | None, *, create: bool = False) -> Iterator[Store]:
+    """The store, with every store failure inside the block turned into a clear exit 1."""
+    path = db or default_db_path()
     try:
-        return Store.open(db or default_db_path(), create=create)
+        with Store.open(path, create=create) as store:
+            yield store
     except StoreError as error:
         raise fail(str(error)) from None
+    except sqlite3.Error as error:
+        raise fail(explain(error, Path(path))) from None
 
 
 def parse_instant(text: str | None, option: str) -> int | None:
@@ -194,9 +220,7 @@ def _cell(value: object) -> object:
 
 @app.command()
 def sync(
-    api_url: Annotated[
-        str, typer.Option(envvar="TXAGG_API_URL", help="The Transaction API's base URL.")
-    ] = "http://127.0.0.1:8000",
+    api_url: ApiUrlOption = DEFAULT_API_URL,
     db: DbOption = None,
     json_: JsonOption = False,
     since: Annotated[
@@ -219,17 +243,10 @@ def sync(
     check_every: Annotated[
         float, typer.Option(min=0.0, help="Seconds between late-arrival checks.")
     ] = 60.0,
-    max_requests: Annotated[
-        Optional[int], typer.Option(min=1, help="Stop after this many upstream requests.")
-    ] = None,
-    date_format: Annotated[
-        DateFormat,
-        typer.Option(help="How window bounds are sent: sql (YYYY-MM-DD HH:MM:SS) or iso."),
-    ] = DateFormat.sql,
-    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for an answer.")] = 30.0,
-    retry_for: Annotated[
-        float, typer.Option(min=0.0, help="Give up on a failing upstream after this many seconds.")
-    ] = 300.0,
+    max_requests: MaxRequestsOption = None,
+    date_format: DateFormatOption = DateFormat.sql,
+    timeout: TimeoutOption = 30.0,
+    retry_for: RetryForOption = 300.0,
 ) -> None:
     """Pull new transactions into the store, once (for cron) or --follow."""
     from .sync import SyncOptions, UpstreamError
@@ -249,10 +266,7 @@ def sync(
         interval=interval,
         check_every=check_every,
     )
-    stop = threading.Event()
-    if follow:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals() if follow else threading.Event()
     with open_store(db, create=True) as store, _progress() as on_page:
         try:
             summary = run_sync(
@@ -267,13 +281,67 @@ def sync(
             raise fail(str(error), EXIT_LOCKED) from None
         except UpstreamError as error:
             raise fail(str(error)) from None
-        except StoreError as error:
-            raise fail(str(error)) from None
     if wants_json(json_):
         print_json(summary.as_dict())
     else:
         body = summary.as_dict()
         print_table("sync", ["field", "value"], [[k, _cell(v)] for k, v in body.items()])
+
+
+def stop_on_signals() -> threading.Event:
+    """SIGTERM and SIGINT set the returned event: the work stops between two commits."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+@app.command()
+def verify(
+    api_url: ApiUrlOption = DEFAULT_API_URL,
+    db: DbOption = None,
+    json_: JsonOption = False,
+    since: Annotated[
+        Optional[str],
+        typer.Option(help="Start of the range (UTC). Default: the oldest stored transaction."),
+    ] = None,
+    until: Annotated[
+        Optional[str], typer.Option(help="End of the range (UTC). Default: the sync position.")
+    ] = None,
+    rate_limit: RateOption = 5,
+    per: PerOption = 60.0,
+    max_requests: MaxRequestsOption = None,
+    date_format: DateFormatOption = DateFormat.sql,
+    timeout: TimeoutOption = 30.0,
+    retry_for: RetryForOption = 300.0,
+) -> None:
+    """Reconcile the stored history with the upstream window by window, and repair it."""
+    from .sync import SyncOptions, UpstreamError
+    from .verify import verify as run_verify
+
+    since_ms = parse_instant(since, "--since")
+    until_ms = parse_instant(until, "--until")
+    options = SyncOptions(
+        api_url=api_url,
+        rate_limit=rate_limit,
+        per=per,
+        max_requests=max_requests,
+        date_format=date_format.value,
+        timeout=timeout,
+        retry_for=retry_for,
+    )
+    with open_store(db) as store:
+        try:
+            report = run_verify(store, options, since_ms, until_ms, stop=stop_on_signals())
+        except SyncLocked as error:
+            raise fail(str(error), EXIT_LOCKED) from None
+        except UpstreamError as error:
+            raise fail(str(error)) from None
+    body = report.as_dict()
+    if wants_json(json_):
+        print_json(body)
+    else:
+        print_table("verify", ["field", "value"], [[k, _cell(v)] for k, v in body.items()])
 
 
 class _progress:

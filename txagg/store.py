@@ -132,6 +132,23 @@ class UserTotals:
     last_tx_at: int
 
 
+def explain(error: sqlite3.Error, path: Path) -> str:
+    """SQLite's error as what happened to the store and what to do about it."""
+    text = str(error)
+    if "disk is full" in text:
+        return (
+            f"the disk holding {path} is full: nothing of the interrupted write was kept; "
+            "free some space and run again"
+        )
+    if "readonly" in text or "read-only" in text:
+        return f"the store {path} is read-only: nothing was written; check its permissions"
+    if "malformed" in text or "not a database" in text:
+        return f"the store {path} is damaged ({text}): restore a copy or sync into a new --db"
+    if "locked" in text or "busy" in text:
+        return f"the store {path} stayed locked by another process: try again later"
+    return f"the store {path} failed: {text}"
+
+
 def default_db_path() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "share"
@@ -247,33 +264,43 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; BEGIN IMMEDIATE takes the write lock up front."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front.
+
+        Whatever fails inside rolls everything back; SQLite's errors leave as StoreError.
+        """
         try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as error:
+            raise StoreError(explain(error, self.path)) from None
 
     @contextmanager
-    def sync_lock(self) -> Iterator[None]:
-        """Hold the store's sync lock; raise SyncLocked at once if another process holds it.
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold the store's ``name`` lock; raise SyncLocked at once if another process holds it.
 
         An OS file lock: the kernel releases it when the holder dies, even by kill -9.
         """
-        lock_path = self.path.with_name(self.path.name + ".sync-lock")
+        lock_path = self.path.with_name(f"{self.path.name}.{name}-lock")
         handle = open(lock_path, "a+")
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise SyncLocked(
-                    f"another sync is working on {self.path}; try again later"
+                    f"another {name} is working on {self.path}; try again later"
                 ) from None
             yield
         finally:
             handle.close()
+
+    def sync_lock(self):
+        return self.lock("sync")
 
     # ------------------------------------------------------------ ingest
 

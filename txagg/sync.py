@@ -265,6 +265,7 @@ class Reconciler:
         self.upstream = upstream
         self.summary = summary
         self.page_size = page_size
+        self.found: list[dict] = []  # the discrepancies recorded by this reconciler
 
     def reconcile(self, low: int, high: int, budget: list[int]) -> dict:
         budget[0] -= 1
@@ -289,7 +290,7 @@ class Reconciler:
 
     def _repair(self, start: int, end: int, total: int, budget: list[int]) -> None:
         if total <= self.page_size or end - start <= 1000:
-            self._reread(start, end, total, budget)
+            self.reread(start, end, total, budget)
             return
         middle = (start + (end - start) // 2) // 1000 * 1000
         if budget[0] < 2:
@@ -311,7 +312,7 @@ class Reconciler:
             if half > self.store.count_window(low, high)[1]:
                 self._repair(low, high, half, budget)
 
-    def _reread(self, start: int, end: int, total: int, budget: list[int]) -> None:
+    def reread(self, start: int, end: int, total: int, budget: list[int]) -> None:
         self.summary.repairs += 1
         page = 1
         while budget[0] > 0:
@@ -325,7 +326,7 @@ class Reconciler:
         if self.store.count_window(start, end)[1] < total:
             self.discrepancy(start, end, total, "still short after re-reading")
 
-    def discrepancy(self, start: int, end: int, total: int | None, why: str) -> None:
+    def discrepancy(self, start: int, end: int, total: int | None, why: str) -> dict:
         self.summary.discrepancies += 1
         found = {
             "window": [format_instant(start), format_instant(end)],
@@ -336,6 +337,8 @@ class Reconciler:
         }
         recorded = self.store.state_value("discrepancies", [])
         self.store.put_state(discrepancies=(recorded + [found])[-MAX_DISCREPANCIES:])
+        self.found.append(found)
+        return found
 
 
 class Syncer:
