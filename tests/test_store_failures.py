@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import record, run_txagg
+
 from txagg.store import Store, StoreError
 
 

@@ -6,12 +6,12 @@ import json
 
 import httpx
 import pytest
+from conftest import FakeClock, FakeUpstream
 from typer.testing import CliRunner
 
-from conftest import FakeClock, FakeUpstream
 from txagg.cli import app
 from txagg.store import Store, SyncLocked
-from txagg.sync import SyncOptions, Syncer
+from txagg.sync import Syncer, SyncOptions
 from txagg.verify import verify
 
 BASE_S = 1_700_000_000
