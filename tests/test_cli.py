@@ -95,6 +95,15 @@ def test_status_json_names_everything_an_operator_needs(filled):
     assert body["quarantined"] == 0 and body["conflicts"] == 0
     assert body["asOf"] == "2023-11-14T22:15:00Z" and body["behind"] is True
     assert set(body["rateBudget"]) >= {"limit", "tokensAvailable", "throttled", "requests"}
+    # 6 transactions in the 10 minutes before asOf: 0 a minute, far below what 5/min can read
+    assert body["load"] == {
+        "recentPerMinute": 0,
+        "ceilingPerMinute": 5000,
+        "sustainablePerMinute": 4000,
+        "fallsBehind": False,
+    }
+    fast = json.loads(invoke("status", "--db", filled, "--rate-limit", "5", "--per", "1").stdout)
+    assert fast["load"]["ceilingPerMinute"] == 300_000
 
 
 def test_tables_on_a_terminal_json_in_a_pipe(filled, monkeypatch):

@@ -100,6 +100,8 @@ def status_report(
         "users": counters.get("users", 0),
         "quarantined": counters.get("quarantined", 0),
         "conflicts": counters.get("conflicts", 0),
+        "verifiedUntil": _instant(state.get("verified_until")),
+        "load": _load(store, as_of, rate, per),
         "discrepancies": state.get("discrepancies", []),
         "lastCheck": state.get("last_check"),
         "lastRun": last_run,
@@ -111,6 +113,29 @@ def status_report(
             "requests": counters.get("requests", 0),
             "throttled": counters.get("throttled", 0),
         },
+    }
+
+
+LOAD_WINDOW_MS = 10 * 60 * 1000
+PAGE_SIZE = 1000
+
+
+def _load(store: Store, as_of: int | None, rate: int, per: float) -> dict:
+    """The upstream's recent load next to what the budget can read: where sync falls behind.
+
+    The ceiling is every request a full page; one late-arrival check a minute comes off it.
+    """
+    per_minute = 60 / per
+    ceiling = int(rate * per_minute * PAGE_SIZE)
+    sustainable = int(max(0.0, rate * per_minute - 1) * PAGE_SIZE)
+    recent = None
+    if as_of is not None:
+        recent = store.count_window(as_of - LOAD_WINDOW_MS, as_of)[1] * 60_000 // LOAD_WINDOW_MS
+    return {
+        "recentPerMinute": recent,
+        "ceilingPerMinute": ceiling,
+        "sustainablePerMinute": sustainable,
+        "fallsBehind": recent is not None and recent > sustainable,
     }
 
 
