@@ -91,6 +91,7 @@ class SyncSummary:
     throttled: int = 0
     retries: int = 0
     checks: int = 0
+    checkRequests: int = 0  # requests spent on late-arrival checks and their repairs
     repairs: int = 0
     discrepancies: int = 0
     complete: bool = False
@@ -441,7 +442,11 @@ class Syncer:
         if position > low:
             self.summary.checks += 1
             budget = [self.options.max_repair_requests]
-            found.update(self.reconciler.reconcile(low, position, budget))
+            before = self.summary.requests
+            try:
+                found.update(self.reconciler.reconcile(low, position, budget))
+            finally:
+                self.summary.checkRequests += self.summary.requests - before
         verified = max(verified, min(position, now_ms - overlap_ms))
         self.store.put_state(last_check=found, last_check_ms=now_ms, verified_until=verified)
         return found
