@@ -316,6 +316,15 @@ def test_live_transactions_appear_as_the_clock_moves():
     assert upstream.window(START + 10_000, START + 10_000, 1, 1000)[1]["totalItems"] == 1
 
 
+def test_live_traffic_stops_after_live_for():
+    clock = FakeClock(START / 1000)
+    config = MockConfig(users=5, history=10, start=START, tx_per_minute=60, live_for=5)
+    upstream = MockUpstream(config, clock=clock)
+    clock.now += 100
+    assert upstream.window(None, None, 1, 1000)[1]["totalItems"] == 10 + 5
+    assert sum(report["transactions"] for report in upstream.all_reports()) == 15
+
+
 def test_live_state_depends_on_the_clock_only_not_on_how_often_it_was_read():
     config = MockConfig(users=4, history=50, start=START, tx_per_minute=600, late_ratio=0.5,
                         late_max=20, invalid_ratio=0.1)  # fmt: skip

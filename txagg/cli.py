@@ -380,6 +380,87 @@ class _progress:
 # ------------------------------------------------------------------ mock-serve / demo
 
 
+@app.command()
+def serve(
+    db: DbOption = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8080,
+    token: Annotated[
+        Optional[str],
+        typer.Option(
+            envvar="TXAGG_TOKEN",
+            help="Require 'Authorization: Bearer TOKEN' on every route but /healthz.",
+            show_default=False,
+        ),
+    ] = None,
+    max_age: Annotated[
+        int,
+        typer.Option(
+            min=0, max=120, help="Cache-Control max-age (s); shrinks as the data ages past 2 min."
+        ),
+    ] = 30,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes (for several cores).")] = 1,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Keep syncing from --api-url in this process.")
+    ] = False,
+    api_url: ApiUrlOption = DEFAULT_API_URL,
+    interval: Annotated[
+        float, typer.Option(min=0.0, help="--follow: seconds between polls.")
+    ] = 30.0,
+    rate_limit: RateOption = 5,
+    per: PerOption = 60.0,
+    overlap: Annotated[
+        float,
+        typer.Option(min=0.0, help="How far behind its position (s) late arrivals are caught."),
+    ] = 300.0,
+    settle: Annotated[
+        float, typer.Option(min=0.0, help="Read only up to now minus this many seconds.")
+    ] = 5.0,
+    eur_per_scr: EurOption = str(DEFAULT_EUR_PER_SCR),
+) -> None:
+    """Serve the HTTP API over the store (--follow: and keep it synced, in one process)."""
+    from .server import ServeConfig
+    from .server import serve as run_server
+    from .sync import SyncOptions
+
+    options = None
+    if follow:
+        options = SyncOptions(
+            api_url=api_url,
+            rate_limit=rate_limit,
+            per=per,
+            overlap=overlap,
+            settle=settle,
+            interval=interval,
+        )
+    try:
+        config = ServeConfig(
+            db=db or default_db_path(),
+            host=host,
+            port=port,
+            token=token,
+            max_age=max_age,
+            workers=workers,
+            follow=follow,
+            sync_options=options,
+            eur_per_scr=parse_rate(eur_per_scr),
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+    def on_ready(url: str) -> None:
+        print(f"txagg serve listening on {url}", flush=True)
+
+    try:
+        run_server(config, on_ready=on_ready)
+    except StoreError as error:
+        raise fail(str(error)) from None
+    except OSError as error:
+        raise fail(f"cannot listen on {host}:{port}: {error}") from None
+
+
 @app.command("mock-serve")
 def mock_serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
@@ -407,6 +488,16 @@ def mock_serve(
     start: Annotated[
         Optional[str], typer.Option(help="Fix the clock anchor (UTC) for identical createdAt.")
     ] = None,
+    faults: Annotated[
+        str,
+        typer.Option(
+            help="Inject upstream faults, e.g. error=0.1,truncate=0.05 (see docs/mock.md)."
+        ),
+    ] = "",
+    live_for: Annotated[
+        Optional[float],
+        typer.Option(min=0.0, help="Stop the live traffic this many seconds after start."),
+    ] = None,
 ) -> None:
     """Run the rate-limited fake Transaction API, with its ground truth at /users."""
     from .mock_server import MockConfig, serve
@@ -426,6 +517,8 @@ def mock_serve(
             late_max=late_max,
             invalid_ratio=invalid_ratio,
             start=parse_instant(start, "--start"),
+            faults=faults,
+            live_for=live_for,
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None

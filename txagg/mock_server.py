@@ -7,25 +7,40 @@ of it (Starlette), ``serve`` and ``start_in_thread`` run that on uvicorn.
 
 The state is a pure function of the seed, the options and the clock: the k-th live transaction
 becomes visible at ``start + k * 60 / tx_per_minute`` seconds, whenever it is asked for.
+
+``MockConfig.faults`` (``txagg mock-serve --faults``) injects the upstream's bad days into
+``/transactions``: errors, broken connections, cut bodies, HTML, slowness, late arrivals, pages that
+shift, duplicates, items outside the window, lying ``meta``, broken records, conflicting versions
+and extra 429s (``Faults`` has the syntax, docs/mock.md the details). Every fault decision comes
+from random generators of their own, seeded from ``seed``, so the same seed and the same requests
+give the same faults, and switching faults on changes none of the data except the transactions
+the faults themselves add. ``GET /faults`` counts what was injected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
+import heapq
 import html
 import json
+import logging
 import math
+import random
 import re
 import signal
 import socket
 import threading
 import time
 from bisect import bisect_left, bisect_right
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from copy import deepcopy
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from http import HTTPStatus
 
 import uvicorn
@@ -35,6 +50,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from . import __version__
 from .models import (
@@ -42,12 +58,15 @@ from .models import (
     PROBLEM_SCHEMA,
     TRANSACTION_SCHEMA,
     USER_REPORT_SCHEMA,
+    InvalidRecord,
     cents_to_decimal,
     dumps,
     format_cents,
     format_instant,
     format_timestamp,
+    loads,
     parse_time,
+    parse_transaction,
 )
 
 MAX_LIMIT = 1000
@@ -57,6 +76,136 @@ SPENT_SHARE = 0.35  # the remaining 15% are payouts
 BURST_SHARE = 0.25  # history items that follow the previous one within a second
 WHOLE_SECOND_SHARE = 0.30  # history items with createdAt on a whole second (.000)
 PROBLEM_TYPE = "application/problem+json"
+
+
+# ---------------------------------------------------------------- faults: the spec
+
+# Every fault kind, in the order the spec, /faults and the docs list them.
+FAULT_KINDS = (
+    "error",
+    "reset",
+    "truncate",
+    "nonjson",
+    "slow",
+    "late",
+    "drift",
+    "duplicate",
+    "outside",
+    "meta",
+    "invalid",
+    "conflict",
+    "throttle",
+)
+TIMED_FAULTS = ("slow", "late", "throttle")  # these take P:SECONDS
+MAX_FAULT_SECONDS = 3600.0  # an hour of sleep or Retry-After is a typo, not a test
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The parsed ``--faults`` spec: a probability (0..1) per kind, a duration for three of them.
+
+    Syntax: comma-separated ``name=P`` or, for slow, late and throttle, ``name=P:SECONDS``, e.g.
+    ``error=0.1,truncate=0.05,slow=0.02:3,late=0.2:90,meta=0.1,throttle=0.05:2``. Each kind at
+    most once; the empty spec means no faults. docs/mock.md says what each kind does.
+    """
+
+    error: float = 0.0
+    reset: float = 0.0
+    truncate: float = 0.0
+    nonjson: float = 0.0
+    slow: float = 0.0
+    late: float = 0.0
+    drift: float = 0.0
+    duplicate: float = 0.0
+    outside: float = 0.0
+    meta: float = 0.0
+    invalid: float = 0.0
+    conflict: float = 0.0
+    throttle: float = 0.0
+    slow_seconds: float = 0.0
+    late_seconds: float = 0.0
+    throttle_seconds: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str) -> Faults:
+        """ValueError, saying which entry is wrong and how to write it, on a bad spec."""
+        values: dict[str, float] = {}
+        for entry in (part.strip() for part in spec.split(",")):
+            if not entry:
+                continue
+            name, probability, seconds = _parse_fault(entry)
+            if name in values:
+                raise ValueError(f"--faults: {name} is given twice")
+            values[name] = probability
+            if seconds is not None:
+                values[f"{name}_seconds"] = seconds
+        return cls(**values)
+
+    def spec(self) -> str:
+        """The canonical spec text: the kinds that are on, in FAULT_KINDS order."""
+        return ",".join(
+            f"{kind}={_number_text(setting['probability'])}"
+            + (f":{_number_text(setting['seconds'])}" if "seconds" in setting else "")
+            for kind, setting in self.settings().items()
+            if setting["probability"]
+        )
+
+    def settings(self) -> dict[str, dict[str, float]]:
+        """Every kind with its probability, and its seconds for the timed ones (for /faults)."""
+        return {
+            kind: {"probability": getattr(self, kind)}
+            | ({"seconds": getattr(self, f"{kind}_seconds")} if kind in TIMED_FAULTS else {})
+            for kind in FAULT_KINDS
+        }
+
+
+def _number_text(value: float) -> str:
+    return f"{value:g}"
+
+
+def _fault_usage(name: str) -> str:
+    return f"{name}=P:SECONDS (e.g. {name}=0.05:2)" if name in TIMED_FAULTS else f"{name}=P"
+
+
+def _parse_fault(entry: str) -> tuple[str, float, float | None]:
+    """One ``name=P[:SECONDS]`` entry as (name, probability, seconds or None)."""
+    name, equals, value = (part.strip() for part in entry.partition("="))
+    if name not in FAULT_KINDS:
+        raise ValueError(f"--faults: unknown fault {name!r}; known: {', '.join(FAULT_KINDS)}")
+    probability_text, colon, seconds_text = value.partition(":")
+    if not equals or not probability_text:
+        raise ValueError(f"--faults: {name} needs a probability: {_fault_usage(name)}")
+    if (name in TIMED_FAULTS) != bool(colon):
+        needs = "needs a duration" if name in TIMED_FAULTS else "takes no duration"
+        raise ValueError(f"--faults: {name} {needs}: {_fault_usage(name)}")
+    probability = _fault_number(name, probability_text)
+    if not 0 <= probability <= 1:
+        raise ValueError(f"--faults: {name}={value}: P must be between 0 and 1")
+    if not colon:
+        return name, probability, None
+    seconds = _fault_number(name, seconds_text)
+    if not 0 <= seconds <= MAX_FAULT_SECONDS:
+        raise ValueError(f"--faults: {name}={value}: SECONDS must be between 0 and 3600")
+    if name == "throttle" and (seconds < 1 or not seconds.is_integer()):
+        # Retry-After carries whole seconds (delta-seconds or an HTTP-date).
+        raise ValueError(f"--faults: {name}={value}: SECONDS must be a whole number, at least 1")
+    return name, probability, seconds
+
+
+def _fault_number(name: str, text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"--faults: {name}: {text!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"--faults: {name}: {text!r} is not a finite number")
+    return number
+
+
+@functools.lru_cache(maxsize=64)
+def parse_faults(spec: str) -> Faults:
+    """Faults.parse, cached: MockConfig keeps only the text, so it stays plain, printable data."""
+    return Faults.parse(spec)
 
 
 @dataclass
@@ -74,8 +223,11 @@ class MockConfig:
     late_max: float = 0.0  # how late at most (seconds): createdAt = visible_at - U(0, late_max)
     invalid_ratio: float = 0.0  # share of extra invalid records mixed into /transactions
     start: int | None = None  # the clock anchor in ms since epoch; None = now
+    faults: str = ""  # the --faults spec (see Faults); late= and invalid= set the options above
+    live_for: float | None = None  # seconds after start when live traffic (and drift) stops
 
     def __post_init__(self) -> None:
+        self._apply_fault_aliases(parse_faults(self.faults))
         checks = [
             (1 <= self.users <= MAX_USERS, f"users must be between 1 and {MAX_USERS}"),
             (self.history >= 0, "history must not be negative"),
@@ -86,10 +238,31 @@ class MockConfig:
             (0 <= self.late_ratio <= 1, "late_ratio must be between 0 and 1"),
             (self.late_max >= 0, "late_max must not be negative"),
             (0 <= self.invalid_ratio <= 1, "invalid_ratio must be between 0 and 1"),
+            (self.live_for is None or self.live_for >= 0, "live_for must not be negative"),
         ]
         for holds, message in checks:
             if not holds:
                 raise ValueError(message)
+
+    @property
+    def fault_settings(self) -> Faults:
+        return parse_faults(self.faults)
+
+    def _apply_fault_aliases(self, faults: Faults) -> None:
+        """late=P:S and invalid=P are late_ratio/late_max and invalid_ratio under another name."""
+        aliases = (
+            ("late", ("late_ratio", "late_max"), (faults.late, faults.late_seconds)),
+            ("invalid", ("invalid_ratio",), (faults.invalid,)),
+        )
+        for kind, names, values in aliases:
+            if not values[0]:
+                continue
+            current = tuple(getattr(self, name) for name in names)
+            # Equal values are fine: dataclasses.replace() runs this again on the result.
+            if any(current) and current != values:
+                raise ValueError(f"faults {kind}= contradicts {'/'.join(names)}: give it once")
+            for name, value in zip(names, values, strict=True):
+                setattr(self, name, value)
 
 
 # ---------------------------------------------------------------- rendering records
@@ -164,6 +337,169 @@ INVALID_KINDS: tuple[tuple[str, Callable[[dict, object], None]], ...] = (
 )
 
 
+# ---------------------------------------------------------------- faults: per request
+
+# Drawn once per /transactions request, in this order, whatever the settings: the n-th request
+# gets the same decisions for the same seed however big the pages before it were.
+REQUEST_FAULTS = (
+    "throttle", "error", "reset", "nonjson", "truncate", "slow", "drift", "outside", "meta",
+)  # fmt: skip
+# These replace the answer; when several fire, the first in this order wins.
+ANSWER_FAULTS = ("throttle", "error", "reset", "nonjson", "truncate")
+CARRY_MEMORY = 1024  # windows whose next page still owes a duplicate
+CONFLICT_DELAY_MS = 5000  # a conflicting version comes up to this much after its original
+BAD_GATEWAY_HTML = "<html>bad gateway</html>"
+
+
+@dataclass(frozen=True)
+class RequestFaults:
+    """What one /transactions request gets. ``rng`` draws everything else for this request."""
+
+    answer: str | None  # one of ANSWER_FAULTS, or None for a page
+    slow: bool
+    drift: bool
+    outside: bool
+    meta: bool
+    window: tuple  # (startDate, endDate as asked, limit): which pages belong together
+    page: int
+    rng: random.Random
+
+
+class FaultInjector:
+    """Decides the faults of each /transactions request and counts every fault injected.
+
+    Its generator is seeded from the seed alone and is not the data's, so faults never change
+    the data. Thread-safe.
+    """
+
+    def __init__(self, faults: Faults, seed: int):
+        self.faults = faults
+        self._rng = random.Random(f"txagg-mock-faults:{seed}")
+        self._lock = threading.Lock()
+        self._per_request = faults.duplicate > 0 or any(
+            getattr(faults, kind) for kind in REQUEST_FAULTS
+        )
+        self.requests = 0
+        self.injected = dict.fromkeys(FAULT_KINDS, 0)
+        self._carried: OrderedDict[tuple, str] = OrderedDict()
+
+    def decide(self, window: tuple, page: int) -> RequestFaults | None:
+        """This request's faults; None (the fast path) when no per-request fault is on."""
+        with self._lock:
+            self.requests += 1
+            if not self._per_request:
+                return None
+            rolls = {
+                kind: self._rng.random() < getattr(self.faults, kind) for kind in REQUEST_FAULTS
+            }
+            request_rng = random.Random(self._rng.getrandbits(64))
+        answer = next((kind for kind in ANSWER_FAULTS if rolls[kind]), None)
+        return RequestFaults(
+            answer, rolls["slow"], rolls["drift"], rolls["outside"], rolls["meta"],
+            window, page, request_rng,
+        )  # fmt: skip
+
+    def count(self, kind: str, times: int = 1) -> int:
+        """Record an injected fault; returns how many of that kind so far."""
+        with self._lock:
+            self.injected[kind] += times
+            return self.injected[kind]
+
+    def report(self, data_counts: Mapping[str, int]) -> dict:
+        """The body of GET /faults."""
+        with self._lock:
+            injected = {**self.injected, **data_counts}
+            requests = self.requests
+        return {
+            "spec": self.faults.spec(),
+            "settings": self.faults.settings(),
+            "requests": requests,
+            "injected": {kind: injected[kind] for kind in FAULT_KINDS},
+        }
+
+    # ------------------------------------------------------------ shaping a page
+
+    def shape_page(
+        self, items: list[str], outside: list[str], meta: dict, plan: RequestFaults
+    ) -> bytes:
+        """The page with this request's duplicates, outside items and lies, as the body."""
+        carried = self._take_carried(plan)
+        shaped = carried + self._duplicate(items, plan)
+        for text in outside:
+            shaped.insert(plan.rng.randint(0, len(shaped)), text)
+        meta = {**meta, "itemCount": len(shaped)}
+        if plan.meta:
+            meta = lying_meta(meta, plan.rng)
+            self.count("meta")
+        return render_page(shaped, meta)
+
+    def _duplicate(self, items: list[str], plan: RequestFaults) -> list[str]:
+        """Each item again with probability P: later in this page, or first on the next page."""
+        probability = self.faults.duplicate
+        if not probability:
+            return items
+        rng = plan.rng
+        copies: list[tuple[int, str]] = []  # (position in items to insert before, text)
+        carry: str | None = None
+        for position, text in enumerate(items):
+            if rng.random() >= probability:
+                continue
+            if carry is None and rng.random() < 0.5:
+                carry = text  # one per page is enough to show the next page a repeat
+            else:
+                copies.append((rng.randint(position + 1, len(items)), text))
+        shaped = list(items)
+        # From the back, so the positions still to do keep meaning what they meant.
+        for position, text in sorted(copies, key=lambda copy: copy[0], reverse=True):
+            shaped.insert(position, text)
+        if copies:
+            self.count("duplicate", len(copies))
+        if carry is not None:
+            self._remember_carry((*plan.window, plan.page + 1), carry)
+        return shaped
+
+    def _remember_carry(self, key: tuple, text: str) -> None:
+        with self._lock:
+            self._carried[key] = text
+            self._carried.move_to_end(key)
+            while len(self._carried) > CARRY_MEMORY:
+                self._carried.popitem(last=False)
+
+    def _take_carried(self, plan: RequestFaults) -> list[str]:
+        with self._lock:
+            text = self._carried.pop((*plan.window, plan.page), None)
+        if text is None:
+            return []
+        self.count("duplicate")
+        return [text]
+
+
+def lying_meta(meta: dict, rng: random.Random) -> dict:
+    """meta with one to three of totalItems, totalPages, itemCount wrong (still counts >= 0)."""
+    names = [name for name in ("totalItems", "totalPages", "itemCount") if rng.random() < 0.5]
+    lied = dict(meta)
+    for name in names or ["totalItems"]:
+        true = meta[name]
+        wrong = rng.randint(0, 2 * true + 10)
+        lied[name] = wrong if wrong != true else true + 1
+    return lied
+
+
+def page_meta(total: int, count: int, limit: int, page: int) -> dict:
+    return {
+        "totalItems": total,
+        "itemCount": count,
+        "itemsPerPage": limit,
+        "totalPages": math.ceil(total / limit),
+        "currentPage": page,
+    }
+
+
+def render_page(items: list[str], meta: dict) -> bytes:
+    body = '{"items":[' + ",".join(items) + '],"meta":' + json.dumps(meta, separators=(",", ":"))
+    return (body + "}").encode()
+
+
 # ---------------------------------------------------------------- the in-memory upstream
 
 
@@ -181,6 +517,11 @@ class Ledger:
             return
         # A late arrival: after everything with the same millisecond, so order stays stable.
         index = bisect_right(self.keys, key)
+        self.keys.insert(index, key)
+        self.texts.insert(index, text)
+
+    def insert(self, index: int, key: int, text: str) -> None:
+        """Put a record at an exact position (the caller keeps keys sorted): drift needs it."""
         self.keys.insert(index, key)
         self.texts.insert(index, text)
 
@@ -301,6 +642,9 @@ class MockUpstream:
         self._timestamps = TimestampCache()
         self._invalid_served = 0
         self._invalid_ratio = config.invalid_ratio
+        # Broken records draw from their own generator: with them on (invalid_ratio, or
+        # --faults invalid=P) the valid data stays exactly what it is without them.
+        self._invalid_rng = random.Random(f"txagg-mock-invalid:{config.seed}")
         self._live_made = 0
         self._visible_now_ms = self.start_ms
         self._late_max_ms = int(config.late_max * 1000)
@@ -309,6 +653,17 @@ class MockUpstream:
         self._recent_earned: list[deque] | None = (
             [deque() for _ in range(config.users)] if late_mode else None
         )
+        self.injector = FaultInjector(config.fault_settings, config.seed)
+        self._late_made = 0
+        # What drift added per user: left out of what the data generator may spend, so the
+        # data's own draws (and so every id, amount and user) are the same with faults or not.
+        self._fault_earned = [0] * config.users
+        # Conflicts draw from their own generator, once per live transaction: like the data,
+        # they depend on the clock only, never on how often the mock was read.
+        self._conflict_rng = random.Random(f"txagg-mock-conflicts:{config.seed}")
+        self._pending_conflicts: list[tuple[int, int, str]] = []  # heap of (createdAt, seq, text)
+        self._conflict_texts: set[str] = set()
+        self._conflicts_shown = 0
         self._build_history()
 
     # ------------------------------------------------------------ generation
@@ -321,10 +676,11 @@ class MockUpstream:
         for created_ms in history_instants(self._rng, self.start_ms, span_ms, self.config.history):
             self._make_transaction(created_ms)
 
-    def _make_transaction(self, created_ms: int, late: bool = False) -> None:
+    def _make_transaction(self, created_ms: int, late: bool = False) -> tuple[str, str, str, int]:
+        """Make, count and list one transaction; returns (id, userId, type, cents)."""
         rng, book = self._rng, self.users
         user = int(rng.random() * book.count)
-        spendable = book.balance[user]
+        spendable = book.balance[user] - self._fault_earned[user]
         if late:
             spendable -= self._earned_since(user, created_ms)
         kind, cents = choose_kind_and_amount(rng, spendable)
@@ -335,8 +691,9 @@ class MockUpstream:
         created_text = self._timestamps.text(created_ms)
         user_id = book.ids[user]
         self.ledger.add(created_ms, render_transaction(tx_id, user_id, created_text, kind, cents))
-        if self._invalid_ratio and rng.random() < self._invalid_ratio:
+        if self._invalid_ratio and self._invalid_rng.random() < self._invalid_ratio:
             self._make_invalid(created_ms, user_id, created_text)
+        return tx_id, user_id, kind, cents
 
     def _remember_earning(self, user: int, created_ms: int, cents: int) -> None:
         if created_ms >= self.start_ms - self._late_max_ms:
@@ -353,7 +710,7 @@ class MockUpstream:
         return sum(cents for at_ms, cents in recent if at_ms >= created_ms)
 
     def _make_invalid(self, created_ms: int, user_id: str, created_text: str) -> None:
-        rng = self._rng
+        rng = self._invalid_rng
         cents = earned_cents(rng)
         fields = {
             "id": f'"{uuid4_text(rng.getrandbits(128))}"',
@@ -370,8 +727,20 @@ class MockUpstream:
     def _visible_ms(self, k: int) -> int:
         return self.start_ms + int(k * 60_000 / self.config.tx_per_minute)
 
+    def _live_until_ms(self) -> int | None:
+        if self.config.live_for is None:
+            return None
+        return self.start_ms + int(self.config.live_for * 1000)
+
+    def _is_live(self, now_ms: int) -> bool:
+        until = self._live_until_ms()
+        return until is None or now_ms <= until
+
     def _live_due(self, now_ms: int) -> int:
-        """How many live transactions are visible at now_ms."""
+        """How many live transactions are visible at now_ms (none after live_for)."""
+        until = self._live_until_ms()
+        if until is not None:
+            now_ms = min(now_ms, until)
         if self.config.tx_per_minute <= 0 or now_ms < self.start_ms:
             return 0
         due = int((now_ms - self.start_ms) * self.config.tx_per_minute / 60_000)
@@ -382,12 +751,16 @@ class MockUpstream:
         return due
 
     def advance(self) -> None:
-        """Materialise every live transaction due up to clock()."""
+        """Materialise every live transaction (and conflicting version) due up to clock()."""
         with self._lock:
-            due = self._live_due(self._now_ms())
+            now_ms = self._now_ms()
+            due = self._live_due(now_ms)
             while self._live_made < due:
                 self._live_made += 1
-                self._make_live(self._visible_ms(self._live_made))
+                visible_ms = self._visible_ms(self._live_made)
+                self._show_conflicts(visible_ms)
+                self._make_live(visible_ms)
+            self._show_conflicts(now_ms)
 
     def _make_live(self, visible_ms: int) -> None:
         rng = self._rng
@@ -396,8 +769,89 @@ class MockUpstream:
         if late and self._late_max_ms > 0:
             created = visible_ms - int(rng.random() * self._late_max_ms)
             self._make_transaction(created, late=True)
-        else:
-            self._make_transaction(visible_ms)
+            self._late_made += 1
+            return
+        made = self._make_transaction(visible_ms)
+        # Only originals that are on time: a late original could surface after its conflicting
+        # version, and then a reader would rightly keep the wrong one as the first.
+        conflict = self.injector.faults.conflict
+        if conflict and self._conflict_rng.random() < conflict:
+            self._plan_conflict(visible_ms, *made)
+
+    def _plan_conflict(self, created_ms: int, tx_id: str, user_id: str, kind: str, cents: int):
+        """A second version of a transaction (another amount), shown a little later."""
+        rng = self._conflict_rng
+        at_ms = created_ms + 1 + int(rng.random() * CONFLICT_DELAY_MS)
+        other = cents + 1 + int(rng.random() * cents)
+        text = render_transaction(tx_id, user_id, format_timestamp(at_ms), kind, other)
+        heapq.heappush(self._pending_conflicts, (at_ms, self._live_made, text))
+
+    def _show_conflicts(self, up_to_ms: int) -> None:
+        """List the conflicting versions whose createdAt has come (never counted by the truth)."""
+        pending = self._pending_conflicts
+        while pending and pending[0][0] <= up_to_ms:
+            at_ms, _, text = heapq.heappop(pending)
+            self.ledger.add(at_ms, text)
+            self._conflict_texts.add(text)
+            self._conflicts_shown += 1
+
+    def _drift(self, start_ms: int | None, end_ms: int | None, page: int, limit: int, rng) -> None:
+        """A new, real transaction lands inside the window, on the page before this one.
+
+        Everything from there on shifts by one: the reader sees the last item of the previous
+        page again, and never sees the new one while paging. It is an earned one, so no balance
+        can go negative, and it is counted by the truth like any other.
+        """
+        low, high = self.ledger.bounds(start_ms, end_ms)
+        first = min(high, low + (page - 1) * limit)
+        if first <= low:
+            return  # nothing read before this page: nothing to land in front of
+        keys = self.ledger.keys
+        index = rng.randint(max(low, first - limit), first - 1)
+        created_ms = rng.randint(keys[index - 1] if index > low else keys[index], keys[index])
+        user = rng.randrange(self.users.count)
+        cents = earned_cents(rng)
+        self.users.add(user, "earned", cents, created_ms)
+        self._fault_earned[user] += cents
+        text = render_transaction(
+            uuid4_text(rng.getrandbits(128)),
+            self.users.ids[user],
+            format_timestamp(created_ms),
+            "earned",
+            cents,
+        )
+        self.ledger.insert(index, created_ms, text)
+        self.injector.count("drift")
+
+    def _outside(self, low: int, high: int, rng) -> list[str]:
+        """One to three real transactions from outside [low, high): visible, valid, first versions.
+
+        Broken records and conflicting versions are left out: served out of their place they
+        could reach a reader before what they break or contradict.
+        """
+        texts = self.ledger.texts
+        outside = low + len(texts) - high
+        wanted = rng.randint(1, 3)
+        found: list[str] = []
+        for _ in range(5 * wanted):
+            if len(found) == wanted or not outside:
+                break
+            pick = rng.randrange(outside)
+            text = texts[pick if pick < low else high + pick - low]
+            if text not in found and self._is_first_version(text):
+                found.append(text)
+        if found:
+            self.injector.count("outside", len(found))
+        return found
+
+    def _is_first_version(self, text: str) -> bool:
+        if text in self._conflict_texts:
+            return False
+        try:
+            parse_transaction(loads(text))
+        except InvalidRecord:
+            return False
+        return True
 
     # ------------------------------------------------------------ queries
 
@@ -410,21 +864,33 @@ class MockUpstream:
         limit = min(limit, MAX_LIMIT)
         with self._lock:
             self.advance()
-            low, high = self.ledger.bounds(start_ms, end_ms)
-            first = min(high, low + (page - 1) * limit)
-            items = self.ledger.texts[first : min(high, first + limit)]
-        total = high - low
-        meta = {
-            "totalItems": total,
-            "itemCount": len(items),
-            "itemsPerPage": limit,
-            "totalPages": math.ceil(total / limit),
-            "currentPage": page,
-        }
-        body = (
-            '{"items":[' + ",".join(items) + '],"meta":' + json.dumps(meta, separators=(",", ":"))
-        )
-        return (body + "}").encode(), meta
+            items, low, high = self._page(start_ms, end_ms, page, limit)
+        meta = page_meta(high - low, len(items), limit, page)
+        return render_page(items, meta), meta
+
+    def faulted_window(
+        self, start_ms: int | None, end_ms: int | None, page: int, limit: int, plan: RequestFaults
+    ) -> bytes:
+        """window() with the faults of one request: drift first, then the page as shaped."""
+        if page < 1 or limit < 1:
+            raise ValueError("page and limit must be at least 1")
+        limit = min(limit, MAX_LIMIT)
+        with self._lock:
+            self.advance()
+            if plan.drift and page > 1 and self._is_live(self._now_ms()):
+                self._drift(start_ms, end_ms, page, limit, plan.rng)
+            items, low, high = self._page(start_ms, end_ms, page, limit)
+            outside = self._outside(low, high, plan.rng) if plan.outside else []
+        meta = page_meta(high - low, len(items), limit, page)
+        return self.injector.shape_page(items, outside, meta, plan)
+
+    def _page(
+        self, start_ms: int | None, end_ms: int | None, page: int, limit: int
+    ) -> tuple[list[str], int, int]:
+        """The page's records, and the window's bounds in the ledger. Call under the lock."""
+        low, high = self.ledger.bounds(start_ms, end_ms)
+        first = min(high, low + (page - 1) * limit)
+        return self.ledger.texts[first : min(high, first + limit)], low, high
 
     def user_report(self, user_id: str) -> dict | None:
         """The user's true aggregates over the valid transactions visible so far."""
@@ -458,6 +924,17 @@ class MockUpstream:
 
     def as_of(self) -> str:
         return format_instant(self._now_ms())
+
+    def fault_report(self) -> dict:
+        """GET /faults: the settings and how many of each fault were injected so far."""
+        with self._lock:
+            self.advance()
+            data_counts = {
+                "late": self._late_made,
+                "invalid": self._invalid_served,
+                "conflict": self._conflicts_shown,
+            }
+        return self.injector.report(data_counts)
 
 
 # ---------------------------------------------------------------- rate limit
@@ -560,8 +1037,84 @@ def parse_window_query(params: Mapping[str, str]) -> tuple[int | None, int | Non
     return start_ms, end_ms, page, limit
 
 
-def json_response(text: str | bytes) -> Response:
-    return Response(text, media_type="application/json")
+def json_response(text: str | bytes, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(text, headers=dict(headers or {}), media_type="application/json")
+
+
+# ---------------------------------------------------------------- faulted answers
+
+# Set while a response is broken on purpose, so uvicorn's complaint about it is not logged.
+_BREAKING_ON_PURPOSE = contextvars.ContextVar("txagg_mock_breaking_on_purpose", default=False)
+
+
+class _QuietPurposefulBreaks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            _BREAKING_ON_PURPOSE.get() and "without completing response" in record.getMessage()
+        )
+
+
+_QUIET_FILTER = _QuietPurposefulBreaks()
+
+
+class BrokenResponse(Response):
+    """Headers promising the whole body (Content-Length), then ``sent`` bytes of it, then EOF.
+
+    Returning from the ASGI app with the response incomplete makes uvicorn close the
+    connection: the client reads a short body and raises (httpx: RemoteProtocolError).
+    """
+
+    def __init__(self, body: bytes, sent: int, headers: Mapping[str, str]):
+        super().__init__(body, headers=dict(headers), media_type="application/json")
+        self.sent = sent
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        _BREAKING_ON_PURPOSE.set(True)  # this task's context: uvicorn logs from the same task
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        if self.sent:
+            await send(
+                {"type": "http.response.body", "body": self.body[: self.sent], "more_body": True}
+            )
+
+
+def throttle_response(seconds: int, nth: int, now: float, headers: Mapping[str, str]) -> Response:
+    """An injected 429; Retry-After alternates: delta-seconds first, an HTTP-date the next time."""
+    if nth % 2:
+        retry_after = str(seconds)
+    else:
+        # Rounded up to the next whole second: an HTTP-date cannot say less, and must not say
+        # less than the wait.
+        at = datetime.fromtimestamp(math.ceil(now) + seconds, UTC)
+        retry_after = format_datetime(at, usegmt=True)
+    detail = "injected fault: too many requests (--faults throttle)"
+    return problem(429, detail, {**headers, "Retry-After": retry_after})
+
+
+async def faulted_response(
+    upstream: MockUpstream, plan: RequestFaults, query: tuple, headers: Mapping[str, str]
+) -> Response:
+    """The answer to a /transactions request that drew faults (see RequestFaults)."""
+    injector = upstream.injector
+    if plan.slow:
+        injector.count("slow")
+        await asyncio.sleep(injector.faults.slow_seconds)
+    nth = injector.count(plan.answer) if plan.answer else 0
+    if plan.answer == "throttle":
+        seconds = int(injector.faults.throttle_seconds)
+        return throttle_response(seconds, nth, upstream.clock(), headers)
+    if plan.answer == "error":
+        status = plan.rng.choice((500, 502, 503))
+        return problem(status, "injected fault: the upstream failed (--faults error)", headers)
+    if plan.answer == "nonjson":
+        return HTMLResponse(BAD_GATEWAY_HTML, headers=dict(headers))
+    body = upstream.faulted_window(*query, plan)
+    if plan.answer == "reset":
+        return BrokenResponse(body, 0, headers)
+    if plan.answer == "truncate":
+        return BrokenResponse(body, len(body) // 2, headers)
+    return json_response(body, headers)
 
 
 def create_app(upstream: MockUpstream, config: MockConfig) -> Starlette:
@@ -569,6 +1122,9 @@ def create_app(upstream: MockUpstream, config: MockConfig) -> Starlette:
     document = openapi_document(config)
     document_text = json.dumps(document, indent=2)
     docs_page = docs_html(document)
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if _QUIET_FILTER not in uvicorn_log.filters:
+        uvicorn_log.addFilter(_QUIET_FILTER)
 
     async def transactions(request: Request) -> Response:
         state = bucket.take()
@@ -581,12 +1137,17 @@ def create_app(upstream: MockUpstream, config: MockConfig) -> Starlette:
             start_ms, end_ms, page, limit = parse_window_query(request.query_params)
         except BadRequest as error:
             return problem(400, str(error), headers)
+        # Keyed by endDate as asked: "up to now" pages belong together although now moves.
+        plan = upstream.injector.decide((start_ms, end_ms, limit), page)
         if end_ms is None:
             end_ms = int(upstream.clock() * 1000)
+        if plan is not None:
+            return await faulted_response(upstream, plan, (start_ms, end_ms, page, limit), headers)
         body, _ = upstream.window(start_ms, end_ms, page, limit)
-        response = json_response(body)
-        response.headers.update(headers)
-        return response
+        return json_response(body, headers)
+
+    async def faults(request: Request) -> Response:
+        return json_response(json.dumps(upstream.fault_report()))
 
     async def users(request: Request) -> Response:
         return json_response(dumps({"items": upstream.all_reports(), "asOf": upstream.as_of()}))
@@ -620,6 +1181,7 @@ def create_app(upstream: MockUpstream, config: MockConfig) -> Starlette:
         Route("/users", users, methods=["GET"]),
         Route("/users/{userId}", user, methods=["GET"]),
         Route("/payouts", payouts, methods=["GET"]),
+        Route("/faults", faults, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
     ]
@@ -661,11 +1223,16 @@ def _transactions_operation(config: MockConfig) -> dict:
         "('2023-02-01T00:00:00Z', '2023-02-01T00:00:00.000Z'). Inclusive, to the millisecond."
     )
     rate_headers = {name: {"$ref": f"#/components/headers/{name}"} for name in RATE_HEADERS}
+    faults = config.fault_settings
+    page_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Page"}}}
+    if faults.nonjson:
+        page_content["text/html"] = {"schema": {"type": "string"}}
     return {
         "summary": "Transactions with startDate <= createdAt <= endDate, in createdAt order",
         "description": (
             f"Rate limited: {config.rate_limit} requests per {config.per:g} seconds (token "
-            "bucket). Broken records may be mixed in; meta counts every record on the pages."
+            "bucket). Broken records may be mixed in; meta counts every record on the pages. "
+            f"Injected faults (--faults): {faults.spec() or 'none'}; counted at GET /faults."
         ),
         "operationId": "listTransactions",
         "parameters": [
@@ -684,13 +1251,24 @@ def _transactions_operation(config: MockConfig) -> dict:
             "200": {
                 "description": "One page of the window",
                 "headers": rate_headers,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Page"}}},
+                "content": page_content,
             },
             "400": _problem_response("A parameter is malformed", RATE_HEADERS),
             "429": _problem_response(
-                "Over the rate limit: wait Retry-After seconds", (*RATE_HEADERS, "Retry-After")
+                "Over the rate limit: wait Retry-After", (*RATE_HEADERS, "Retry-After")
             ),
+            **_fault_responses(faults),
         },
+    }
+
+
+def _fault_responses(faults: Faults) -> dict:
+    """The 5xx answers that --faults error=P adds (only then: without faults there are none)."""
+    if not faults.error:
+        return {}
+    return {
+        str(status): _problem_response(f"Injected fault (--faults error): {status}", RATE_HEADERS)
+        for status in (500, 502, 503)
     }
 
 
@@ -763,6 +1341,7 @@ def _components() -> dict:
             "Payout": payout,
             "PayoutList": listing("Payout"),
             "Problem": deepcopy(PROBLEM_SCHEMA),
+            "FaultReport": _fault_report_schema(),
         },
         "headers": {
             "RateLimit-Policy": {
@@ -774,8 +1353,44 @@ def _components() -> dict:
                 "schema": {"type": "string"},
             },
             "Retry-After": {
-                "description": "Whole seconds until a request is allowed again",
-                "schema": {"type": "integer", "minimum": 1},
+                "description": (
+                    "When a request is allowed again: whole seconds, or an HTTP-date "
+                    "(--faults throttle alternates the two)"
+                ),
+                "schema": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string"}]},
+            },
+        },
+    }
+
+
+def _fault_report_schema() -> dict:
+    setting = {
+        "type": "object",
+        "required": ["probability"],
+        "properties": {
+            "probability": {"type": "number", "minimum": 0, "maximum": 1},
+            "seconds": {"type": "number", "minimum": 0},
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["spec", "settings", "requests", "injected"],
+        "properties": {
+            "spec": {"type": "string", "description": "--faults, normalised"},
+            "settings": {
+                "type": "object",
+                "properties": {kind: setting for kind in FAULT_KINDS},
+                "required": list(FAULT_KINDS),
+            },
+            "requests": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "/transactions requests past the rate limit and validation",
+            },
+            "injected": {
+                "type": "object",
+                "properties": {kind: {"type": "integer", "minimum": 0} for kind in FAULT_KINDS},
+                "required": list(FAULT_KINDS),
             },
         },
     }
@@ -792,7 +1407,11 @@ def openapi_document(config: MockConfig) -> dict:
             "description": (
                 "A deterministic fake of the upstream Transaction API, with its own ground truth. "
                 "Errors are application/problem+json: 404 for unknown routes, 405 for other "
-                "methods than GET."
+                "methods than GET. Started with --faults (txagg mock-serve --faults "
+                "error=0.1,truncate=0.05,slow=0.02:3,...; see docs/mock.md) it injects upstream "
+                "faults into /transactions, deterministically under --seed; GET /faults shows "
+                f"the settings and counts what was injected. Active: "
+                f"{config.fault_settings.spec() or 'none'}."
             ),
         },
         "paths": {
@@ -806,6 +1425,11 @@ def openapi_document(config: MockConfig) -> dict:
             },
             "/payouts": _get(
                 "Requested payouts per user (users with none left out)", "listPayouts", "PayoutList"
+            ),
+            "/faults": _get(
+                "The --faults settings and how many of each fault were injected so far",
+                "getFaults",
+                "FaultReport",
             ),
             "/openapi.json": {
                 "get": {
@@ -949,11 +1573,16 @@ def serve(config: MockConfig, on_ready: Callable[[str], None] | None = None) -> 
         server.run(sockets=[sock])
 
 
-def start_in_thread(config: MockConfig) -> tuple[str, Callable[[], None]]:
-    """Run the mock in a daemon thread; returns its base URL and a stop() that shuts it down."""
+def start_in_thread(
+    config: MockConfig, upstream: MockUpstream | None = None
+) -> tuple[str, Callable[[], None]]:
+    """Run the mock in a daemon thread; returns its base URL and a stop() that shuts it down.
+
+    ``upstream`` serves an upstream the caller made (say, on a fake clock) instead of a new one.
+    """
     sock, url = _bind(config.host, config.port)
     try:
-        app = create_app(MockUpstream(config), config)
+        app = create_app(upstream or MockUpstream(config), config)
     except BaseException:
         sock.close()
         raise

@@ -1,0 +1,147 @@
+"""`txagg sync --follow` against a live mock carrying a given share of the upstream's ceiling.
+
+    python bench/follow_load.py --load 0.8 --minutes 30 --scale 10
+    python bench/follow_load.py --load 1.0 --minutes 30 --scale 10 --faults default
+
+Time-scaled: with --scale 10 every duration (rate window, interval, overlap, settle, check
+cadence, timeouts) is ten times shorter and the traffic ten times denser, so 30 simulated
+minutes take 3 real ones; figures are printed in simulated time. Prints lag p50/p99/max,
+requests used against the budget, 429s drawn, what the late-arrival checks cost, and whether
+the store ends exactly equal to the mock's ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MockServer, machine, percentile, txagg  # noqa: E402
+
+from txagg.models import loads  # noqa: E402
+from txagg.store import Store  # noqa: E402
+
+# Every fault kind the mock knows, at rates a bad day might bring.
+DEFAULT_FAULTS = (
+    "error=0.03,reset=0.01,truncate=0.01,nonjson=0.01,slow=0.01:{slow},late=0.1:{late},"
+    "drift=0.05,duplicate=0.02,outside=0.02,meta=0.02,invalid=0.01,conflict=0.005,"
+    "throttle=0.02:{retry}"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--load", type=float, default=0.8, help="share of 5000 tx/min")
+    parser.add_argument("--minutes", type=float, default=30, help="simulated minutes")
+    parser.add_argument("--scale", type=float, default=10)
+    parser.add_argument("--faults", default="", help="a --faults spec, or 'default'")
+    args = parser.parse_args()
+    s = args.scale
+    per = 60 / s
+    settle, interval, overlap, check_every, timeout = 5 / s, 30 / s, 300 / s, 60 / s, 30 / s
+    faults = args.faults
+    if faults == "default":
+        faults = DEFAULT_FAULTS.format(slow=2 * timeout, late=0.5 * overlap, retry=max(1, 12 / s))
+    live_seconds = args.minutes * 60 / s
+    mock_args = [
+        "--users", "2000", "--history", "20000", "--seed", "42",
+        "--tx-per-minute", str(5000 * args.load * s), "--live-for", str(live_seconds),
+        "--rate-limit", "5", "--per", str(per),
+    ] + (["--faults", faults] if faults else [])
+    sync_args = [
+        "--rate-limit", "5", "--per", str(per), "--settle", str(settle),
+        "--overlap", str(overlap), "--check-every", str(check_every), "--timeout", str(timeout),
+        "--retry-for", str(300 / s),
+    ]
+    print(machine())
+    print(f"load {args.load:.0%} of 5000/min, {args.minutes} simulated minutes at x{s:g}, "
+          f"faults: {faults or 'none'}")
+    with MockServer(*mock_args) as mock, tempfile.TemporaryDirectory() as scratch:
+        db = str(Path(scratch) / "soak.db")
+        follower = subprocess.Popen(
+            txagg("sync", "--follow", "--interval", str(interval), "--api-url", mock.url,
+                  "--db", db, "--json", *sync_args),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        lags = sample_lag(db, follower, live_seconds + overlap + 2 * interval, s)
+        follower.send_signal(signal.SIGTERM)
+        out, err = follower.communicate(timeout=60)
+        summary = json.loads(out)
+        final = run_json("sync", "--api-url", mock.url, "--db", db, "--check-every", "0",
+                         *sync_args)
+        verified = run_json("verify", "--api-url", mock.url, "--db", db, "--rate-limit", "5",
+                            "--per", str(per), "--timeout", str(timeout))
+        exact, wrong = compare(mock.url, db)
+        with Store.open(db) as store:
+            counters = store.counters()
+    elapsed = args.minutes * 60 + (overlap + 2 * interval) * s
+    budget = 5 + elapsed / 12
+    print(f"lag (simulated s): p50 {statistics.median(lags):.0f}, p99 {percentile(lags, 0.99):.0f},"
+          f" max {max(lags):.0f} (n={len(lags)} samples)")
+    print(f"follow: {summary['requests']} requests in {elapsed / 60:.0f} simulated minutes "
+          f"(budget {budget:.0f}), {summary['new']} new, {summary['throttled']} 429s drawn, "
+          f"{summary['retries']} retries, {len(summary['errors'])} errors reported")
+    per_1000 = 1000 * summary["checkRequests"] / max(1, summary["requests"])
+    print(f"late-arrival checks: {summary['checks']} checks, {summary['checkRequests']} requests "
+          f"= {per_1000:.0f} per 1000 requests, {summary['repairs']} windows re-read")
+    print(f"final sync: {final['new']} new; verify: {verified['requests']} requests, "
+          f"{verified['repaired']} repaired, {len(verified['discrepancies'])} discrepancies")
+    print(f"store: {counters.get('transactions')} transactions, "
+          f"{counters.get('quarantined', 0)} quarantined, {counters.get('conflicts', 0)} "
+          f"conflicts, {counters.get('throttled', 0)} 429s in all")
+    print(f"exact against the ground truth: {'yes' if exact else 'NO: ' + ', '.join(wrong[:5])}")
+
+
+def sample_lag(db: str, follower: subprocess.Popen, seconds: float, scale: float) -> list[float]:
+    """Lag (simulated seconds) sampled every half second of real time."""
+    lags = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and follower.poll() is None:
+        time.sleep(0.5)
+        try:
+            with Store.open(db, create=False) as store:
+                as_of = store.state_value("as_of")
+        except Exception:  # not created yet
+            continue
+        if as_of is not None:
+            lags.append(max(0.0, time.time() - as_of / 1000) * scale)
+    if follower.poll() is not None:
+        raise SystemExit(f"sync --follow died: {follower.stderr.read()}")
+    return lags
+
+
+def run_json(*args: str) -> dict:
+    result = subprocess.run(txagg(*args, "--json"), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"txagg {args[0]} failed: {result.stderr}")
+    return json.loads(result.stdout)
+
+
+def compare(url: str, db: str) -> tuple[bool, list[str]]:
+    truth = loads(httpx.get(url + "/users", timeout=60).content)["items"]
+    wrong = []
+    with Store.open(db) as store:
+        from txagg.report import user_report
+
+        for expected in truth:
+            try:
+                got = user_report(store, expected["userId"])
+            except LookupError:
+                wrong.append(expected["userId"])
+                continue
+            if {**got, "asOf": None} != {**expected, "asOf": None}:
+                wrong.append(expected["userId"])
+    return not wrong, wrong
+
+
+if __name__ == "__main__":
+    main()
