@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     s = args.scale
     per = 60 / s
-    settle, interval, overlap, check_every, timeout = 5 / s, 30 / s, 300 / s, 60 / s, 30 / s
+    settle, interval, overlap, check_every, timeout = 5 / s, 30 / s, 300 / s, 120 / s, 30 / s
     faults = args.faults
     if faults == "default":
         faults = DEFAULT_FAULTS.format(slow=2 * timeout, late=0.5 * overlap, retry=max(1, 12 / s))
@@ -67,6 +67,8 @@ def main() -> None:
           f"faults: {faults or 'none'}")
     with MockServer(*mock_args) as mock, tempfile.TemporaryDirectory() as scratch:
         db = str(Path(scratch) / "soak.db")
+        # The backlog first, as a cron run would: the figures below are for following.
+        run_json("sync", "--api-url", mock.url, "--db", db, *sync_args)
         follower = subprocess.Popen(
             txagg("sync", "--follow", "--interval", str(interval), "--api-url", mock.url,
                   "--db", db, "--json", *sync_args),

@@ -99,7 +99,7 @@ def test_status_json_names_everything_an_operator_needs(filled):
     assert body["load"] == {
         "recentPerMinute": 0,
         "ceilingPerMinute": 5000,
-        "sustainablePerMinute": 4000,
+        "sustainablePerMinute": 4500,
         "fallsBehind": False,
     }
     fast = json.loads(invoke("status", "--db", filled, "--rate-limit", "5", "--per", "1").stdout)

@@ -242,7 +242,7 @@ def sync(
     ] = 5.0,
     check_every: Annotated[
         float, typer.Option(min=0.0, help="Seconds between late-arrival checks.")
-    ] = 60.0,
+    ] = 120.0,
     max_requests: MaxRequestsOption = None,
     date_format: DateFormatOption = DateFormat.sql,
     timeout: TimeoutOption = 30.0,

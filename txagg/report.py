@@ -13,6 +13,7 @@ from .store import Store
 
 DEFAULT_EUR_PER_SCR = Decimal(1)
 STALE_AFTER_SECONDS = 120  # the freshness promise: never more than 2 minutes behind
+CHECK_EVERY = 120.0  # default seconds between late-arrival checks (half a request a minute)
 CENT = Decimal("0.01")
 
 
@@ -123,11 +124,12 @@ PAGE_SIZE = 1000
 def _load(store: Store, as_of: int | None, rate: int, per: float) -> dict:
     """The upstream's recent load next to what the budget can read: where sync falls behind.
 
-    The ceiling is every request a full page; one late-arrival check a minute comes off it.
+    The ceiling is every request a full page; the late-arrival checks (one every CHECK_EVERY
+    seconds by default) come off it.
     """
     per_minute = 60 / per
     ceiling = int(rate * per_minute * PAGE_SIZE)
-    sustainable = int(max(0.0, rate * per_minute - 1) * PAGE_SIZE)
+    sustainable = int(max(0.0, rate * per_minute - 60 / CHECK_EVERY) * PAGE_SIZE)
     recent = None
     if as_of is not None:
         recent = store.count_window(as_of - LOAD_WINDOW_MS, as_of)[1] * 60_000 // LOAD_WINDOW_MS

@@ -31,7 +31,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from . import __version__
 from .models import format_instant, format_query_time, loads
-from .report import STALE_AFTER_SECONDS
+from .report import CHECK_EVERY, STALE_AFTER_SECONDS
 from .store import IngestResult, Store
 
 PAGE_SIZE = 1000  # the upstream's ceiling per request
@@ -76,7 +76,7 @@ class SyncOptions:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     interval: float = 30.0  # --follow: seconds between polls
-    check_every: float | None = 60.0  # seconds between late-arrival checks; None: never
+    check_every: float | None = CHECK_EVERY  # seconds between late-arrival checks; None: never
     max_repair_requests: int = 20  # per check: bounds re-reads when the upstream's meta lies
 
 
@@ -417,8 +417,10 @@ class Syncer:
             self.on_page(self.summary)
             if not full:
                 return True
-            more_promised = result.total is not None and result.total > page * limit
-            if defer_full_pages and not more_promised:
+            # Following, ask now only for a page the upstream says is full: a few leftover
+            # items ride along with the next poll's instead of costing a request of their own.
+            full_page_promised = result.total is not None and result.total >= (page + 1) * limit
+            if defer_full_pages and not full_page_promised:
                 return True
 
     # ------------------------------------------------------------ late arrivals
@@ -454,8 +456,17 @@ class Syncer:
     # ------------------------------------------------------------ forever
 
     def follow(self) -> SyncSummary:
-        """Poll every ``interval`` seconds until ``stop`` is set; survive upstream outages."""
+        """Poll until ``stop`` is set; survive upstream outages.
+
+        Polls are paced to the upstream's arrival rate: the next one comes when about a full
+        page has arrived (a short page costs a whole request for a few items), but never later
+        than ``interval`` seconds, which bounds the staleness, nor sooner than the budget
+        refills a token.
+        """
+        rate = ArrivalRate()
         while not self.stop.is_set():
+            started = self.clock()
+            new_before = self.summary.new
             try:
                 self.run(defer_full_pages=True)
                 if self.summary.complete is False and self.options.max_requests is not None:
@@ -465,10 +476,19 @@ class Syncer:
                 self.on_error(str(error))
             except SyncStopped:
                 break
-            if self.stop.wait(self.options.interval):
+            rate.observe(self.summary.new - new_before, self.clock())
+            wait = self._next_poll_in(rate.per_second) - (self.clock() - started)
+            if self.stop.wait(max(0.0, wait)):
                 break
         self._finish_summary()
         return self.summary
+
+    def _next_poll_in(self, arrivals_per_second: float | None) -> float:
+        token_period = self.options.per / self.options.rate_limit
+        if not arrivals_per_second:
+            return self.options.interval
+        full_page_in = self.options.page_size / arrivals_per_second
+        return min(self.options.interval, max(token_period, full_page_in))
 
     def _finish_summary(self) -> None:
         _start, _page, position, as_of = self._cursor()
@@ -484,6 +504,20 @@ class Syncer:
                 "behind": self.summary.lagSeconds > STALE_AFTER_SECONDS,
             }
         )
+
+
+class ArrivalRate:
+    """New transactions a second, smoothed over the last few polls."""
+
+    def __init__(self):
+        self.per_second: float | None = None
+        self._last: float | None = None
+
+    def observe(self, arrived: int, now: float) -> None:
+        if self._last is not None and now > self._last:
+            sample = arrived / (now - self._last)
+            self.per_second = sample if self.per_second is None else (self.per_second + sample) / 2
+        self._last = now
 
 
 def _next_cursor(

@@ -1,0 +1,158 @@
+"""Sync under every fault the contract allows: exact totals afterwards, honest status.
+
+One test per fault kind (in process, the real mock on loopback), and a chaos test that runs
+`txagg sync --follow` against `txagg mock-serve --faults ...` with live traffic and kill -9.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+from conftest import run_txagg, txagg_command
+
+from txagg.models import loads
+from txagg.report import status_report, user_report
+from txagg.store import Store
+from txagg.sync import Syncer, SyncOptions, sync
+from txagg.verify import verify
+
+FAST = dict(rate_limit=100_000, per=1)
+
+
+def options(url: str, **extra) -> SyncOptions:
+    defaults = dict(
+        api_url=url,
+        settle=0,
+        overlap=30,
+        check_every=0,
+        timeout=0.5,
+        retry_for=30,
+        backoff_initial=0.01,
+        backoff_max=0.05,
+        max_repair_requests=200,
+        **FAST,
+    )
+    return SyncOptions(**{**defaults, **extra})
+
+
+def truth(url: str) -> list[dict]:
+    return loads(httpx.get(url + "/users", timeout=30).content)["items"]
+
+
+def differing_users(store: Store, url: str) -> list[str]:
+    wrong = []
+    for expected in truth(url):
+        try:
+            got = user_report(store, expected["userId"])
+        except LookupError:
+            wrong.append(expected["userId"])
+            continue
+        if {**got, "asOf": None} != {**expected, "asOf": None}:
+            wrong.append(expected["userId"])
+    return wrong
+
+
+def settle_until_exact(store: Store, url: str, rounds: int = 4) -> None:
+    """A final sync and verify, again while the faults leave something unexplained."""
+    for _ in range(rounds):
+        sync(store, options(url))
+        verify(store, options(url))
+        if not differing_users(store, url):
+            return
+    assert differing_users(store, url) == []
+
+
+FAULTS = {
+    # kind: (mock options, sync options, what status must show)
+    "error": ({"faults": "error=0.3"}, {}, None),
+    "reset": ({"faults": "reset=0.3"}, {}, None),
+    "truncate": ({"faults": "truncate=0.3"}, {}, None),
+    "nonjson": ({"faults": "nonjson=0.3"}, {}, None),
+    "slow": ({"faults": "slow=0.3:1.5"}, {"timeout": 0.4}, None),
+    "drift": ({"faults": "drift=0.5"}, {"page_size": 100}, None),
+    "duplicate": ({"faults": "duplicate=0.3"}, {}, None),
+    "meta": ({"faults": "meta=0.4"}, {}, None),
+    "invalid": ({"faults": "invalid=0.05"}, {}, "quarantined"),
+    "throttle": ({"faults": "throttle=0.25:1", "history": 1500, "seed": 1}, {}, "throttled"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FAULTS))
+def test_each_fault_leaves_the_totals_exact(kind, start_mock, store):
+    mock_options, sync_options, shown = FAULTS[kind]
+    url = start_mock(**{"seed": 13, "users": 60, "history": 6000, **FAST, **mock_options})
+    summary = sync(store, options(url, **sync_options))
+    injected = httpx.get(url + "/faults").json()["injected"]
+    assert injected.get(kind, 0) > 0, f"the mock never injected {kind}"
+    if kind in ("error", "reset", "truncate", "nonjson", "slow"):
+        assert summary.retries > 0
+    settle_until_exact(store, url)
+    status = status_report(store)
+    if shown == "quarantined":
+        assert status["quarantined"] == injected["invalid"]
+    if shown == "throttled":
+        assert status["rateBudget"]["throttled"] >= 1
+    assert status["transactions"] == sum(user["transactions"] for user in truth(url))
+
+
+@pytest.mark.parametrize("kind", ["late", "conflict", "outside"])
+def test_live_faults_leave_the_totals_exact(kind, start_mock, store):
+    """Faults that need live traffic: windows after the backfill, new arrivals."""
+    faults = {"late": "late=0.5:2", "conflict": "conflict=0.3", "outside": "outside=0.5"}[kind]
+    url = start_mock(
+        seed=17, users=30, history=500, tx_per_minute=3000, live_for=3, faults=faults, **FAST
+    )
+    syncer = Syncer(store, options(url, interval=0.2, overlap=10))
+    deadline = time.monotonic() + 6  # live traffic for 3 s, then late ones trickle in
+    while time.monotonic() < deadline:
+        syncer.run(defer_full_pages=True)
+        time.sleep(0.2)
+    syncer.close()
+    assert httpx.get(url + "/faults").json()["injected"].get(kind, 0) > 0
+    settle_until_exact(store, url)
+    if kind == "conflict":
+        assert status_report(store)["conflicts"] > 0
+
+
+CHAOS_FAULTS = (
+    "error=0.05,reset=0.03,truncate=0.03,nonjson=0.03,slow=0.03:1.5,late=0.2:2,drift=0.1,"
+    "duplicate=0.05,outside=0.05,meta=0.05,invalid=0.02,conflict=0.02,throttle=0.03:1"
+)
+
+
+def test_chaos_follow_with_kills_ends_exact(mock_process, tmp_path):
+    mock = mock_process(
+        "--seed", "21", "--users", "80", "--history", "8000", "--tx-per-minute", "3000",
+        "--live-for", "8", "--faults", CHAOS_FAULTS, "--rate-limit", "100000", "--per", "1",
+    )  # fmt: skip
+    db = str(tmp_path / "chaos.db")
+    follow = [
+        "sync", "--follow", "--api-url", mock.url, "--db", db, "--interval", "0.3",
+        "--overlap", "10", "--check-every", "0.5", "--settle", "0.3", "--timeout", "0.5",
+        "--retry-for", "20", "--rate-limit", "100000", "--per", "1", "--json",
+    ]  # fmt: skip
+    rng = random.Random(3)
+    for _ in range(3):
+        process = subprocess.Popen(
+            txagg_command(*follow), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(rng.uniform(1.0, 2.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    last = subprocess.Popen(txagg_command(*follow), stdout=subprocess.PIPE, text=True)
+    time.sleep(4)  # past the live traffic and its late arrivals
+    last.send_signal(signal.SIGTERM)
+    out, _ = last.communicate(timeout=30)
+    assert last.returncode == 0
+    assert json.loads(out)["pages"] > 0
+    with Store.open(db) as store:
+        settle_until_exact(store, mock.url)
+        status = json.loads(run_txagg("status", "--db", db, "--json").stdout)
+        assert status["quarantined"] > 0 and status["conflicts"] > 0
+        assert status["transactions"] == sum(user["transactions"] for user in truth(mock.url))
