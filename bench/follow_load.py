@@ -50,57 +50,128 @@ def main() -> None:
     settle, interval, overlap, check_every, timeout = 5 / s, 30 / s, 300 / s, 120 / s, 30 / s
     faults = args.faults
     if faults == "default":
-        faults = DEFAULT_FAULTS.format(slow=2 * timeout, late=0.5 * overlap, retry=max(1, 12 / s))
+        faults = DEFAULT_FAULTS.format(
+            slow=2 * timeout, late=0.5 * overlap, retry=max(1, round(12 / s))
+        )
     live_seconds = args.minutes * 60 / s
     mock_args = [
-        "--users", "2000", "--history", "20000", "--seed", "42",
-        "--tx-per-minute", str(5000 * args.load * s), "--live-for", str(live_seconds),
-        "--rate-limit", "5", "--per", str(per),
+        "--users",
+        "2000",
+        "--history",
+        "20000",
+        "--seed",
+        "42",
+        "--tx-per-minute",
+        str(5000 * args.load * s),
+        "--live-for",
+        str(live_seconds),
+        "--rate-limit",
+        "5",
+        "--per",
+        str(per),
     ] + (["--faults", faults] if faults else [])
     sync_args = [
-        "--rate-limit", "5", "--per", str(per), "--settle", str(settle),
-        "--overlap", str(overlap), "--check-every", str(check_every), "--timeout", str(timeout),
-        "--retry-for", str(300 / s),
+        "--rate-limit",
+        "5",
+        "--per",
+        str(per),
+        "--settle",
+        str(settle),
+        "--overlap",
+        str(overlap),
+        "--check-every",
+        str(check_every),
+        "--timeout",
+        str(timeout),
+        "--retry-for",
+        str(300 / s),
     ]
     print(machine())
-    print(f"load {args.load:.0%} of 5000/min, {args.minutes} simulated minutes at x{s:g}, "
-          f"faults: {faults or 'none'}")
+    print(
+        f"load {args.load:.0%} of 5000/min, {args.minutes} simulated minutes at x{s:g}, "
+        f"faults: {faults or 'none'}"
+    )
     with MockServer(*mock_args) as mock, tempfile.TemporaryDirectory() as scratch:
         db = str(Path(scratch) / "soak.db")
         # The backlog first, as a cron run would: the figures below are for following.
         run_json("sync", "--api-url", mock.url, "--db", db, *sync_args)
         follower = subprocess.Popen(
-            txagg("sync", "--follow", "--interval", str(interval), "--api-url", mock.url,
-                  "--db", db, "--json", *sync_args),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            txagg(
+                "sync",
+                "--follow",
+                "--interval",
+                str(interval),
+                "--api-url",
+                mock.url,
+                "--db",
+                db,
+                "--json",
+                *sync_args,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         lags = sample_lag(db, follower, live_seconds + overlap + 2 * interval, s)
         follower.send_signal(signal.SIGTERM)
         out, err = follower.communicate(timeout=60)
         summary = json.loads(out)
-        final = run_json("sync", "--api-url", mock.url, "--db", db, "--check-every", "0",
-                         *sync_args)
-        verified = run_json("verify", "--api-url", mock.url, "--db", db, "--rate-limit", "5",
-                            "--per", str(per), "--timeout", str(timeout))
+        final = run_json(
+            "sync", "--api-url", mock.url, "--db", db, "--check-every", "0", *sync_args
+        )
+        verified = run_json(
+            "verify",
+            "--api-url",
+            mock.url,
+            "--db",
+            db,
+            "--rate-limit",
+            "5",
+            "--per",
+            str(per),
+            "--timeout",
+            str(timeout),
+        )
         exact, wrong = compare(mock.url, db)
         with Store.open(db) as store:
             counters = store.counters()
     elapsed = args.minutes * 60 + (overlap + 2 * interval) * s
     budget = 5 + elapsed / 12
-    print(f"lag (simulated s): p50 {statistics.median(lags):.0f}, p99 {percentile(lags, 0.99):.0f},"
-          f" max {max(lags):.0f} (n={len(lags)} samples)")
-    print(f"follow: {summary['requests']} requests in {elapsed / 60:.0f} simulated minutes "
-          f"(budget {budget:.0f}), {summary['new']} new, {summary['throttled']} 429s drawn, "
-          f"{summary['retries']} retries, {len(summary['errors'])} errors reported")
+    print(f"lag (simulated s), whole run: {lag_figures(lags)}")
+    caught_up = next((i for i, lag in enumerate(lags) if lag <= interval * s), len(lags))
+    print(
+        f"lag (simulated s), after the first catch-up ({caught_up * 0.5 * s:.0f} s): "
+        f"{lag_figures(lags[caught_up:])}"
+    )
+    print(
+        f"follow: {summary['requests']} requests in {elapsed / 60:.0f} simulated minutes "
+        f"(budget {budget:.0f}), {summary['new']} new, {summary['throttled']} 429s drawn, "
+        f"{summary['retries']} retries, {len(summary['errors'])} errors reported"
+    )
     per_1000 = 1000 * summary["checkRequests"] / max(1, summary["requests"])
-    print(f"late-arrival checks: {summary['checks']} checks, {summary['checkRequests']} requests "
-          f"= {per_1000:.0f} per 1000 requests, {summary['repairs']} windows re-read")
-    print(f"final sync: {final['new']} new; verify: {verified['requests']} requests, "
-          f"{verified['repaired']} repaired, {len(verified['discrepancies'])} discrepancies")
-    print(f"store: {counters.get('transactions')} transactions, "
-          f"{counters.get('quarantined', 0)} quarantined, {counters.get('conflicts', 0)} "
-          f"conflicts, {counters.get('throttled', 0)} 429s in all")
+    print(
+        f"late-arrival checks: {summary['checks']} checks, {summary['checkRequests']} requests "
+        f"= {per_1000:.0f} per 1000 requests, {summary['repairs']} windows re-read"
+    )
+    print(
+        f"final sync: {final['new']} new; verify: {verified['requests']} requests, "
+        f"{verified['repaired']} repaired, {len(verified['discrepancies'])} discrepancies"
+    )
+    print(
+        f"store: {counters.get('transactions')} transactions, "
+        f"{counters.get('quarantined', 0)} quarantined, {counters.get('conflicts', 0)} "
+        f"conflicts, {counters.get('throttled', 0)} 429s in all"
+    )
     print(f"exact against the ground truth: {'yes' if exact else 'NO: ' + ', '.join(wrong[:5])}")
+
+
+def lag_figures(lags: list[float]) -> str:
+    if not lags:
+        return "no samples"
+    return (
+        f"p50 {statistics.median(lags):.0f}, p99 {percentile(lags, 0.99):.0f}, "
+        f"max {max(lags):.0f} (n={len(lags)})"
+    )
 
 
 def sample_lag(db: str, follower: subprocess.Popen, seconds: float, scale: float) -> list[float]:

@@ -74,6 +74,16 @@ TimeoutOption = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for
 RetryForOption = Annotated[
     float, typer.Option(min=0.0, help="Give up on a failing upstream after this many seconds.")
 ]
+IntervalOption = Annotated[
+    float, typer.Option(min=0.0, help="--follow: at most this many seconds between polls.")
+]
+OverlapOption = Annotated[
+    float,
+    typer.Option(min=0.0, help="How far behind its position (s) late arrivals are caught."),
+]
+SettleOption = Annotated[
+    float, typer.Option(min=0.0, help="Read only up to now minus this many seconds.")
+]
 EurOption = Annotated[
     str,
     typer.Option("--eur-per-scr", envvar="TXAGG_EUR_PER_SCR", help="EUR paid out per SCR."),
@@ -228,18 +238,11 @@ def sync(
         typer.Option(help="Where a fresh store starts (UTC). Default: the beginning."),
     ] = None,
     follow: Annotated[bool, typer.Option("--follow", help="Keep syncing until stopped.")] = False,
-    interval: Annotated[
-        float, typer.Option(min=0.0, help="--follow: seconds between polls.")
-    ] = 30.0,
+    interval: IntervalOption = 30.0,
     rate_limit: RateOption = 5,
     per: PerOption = 60.0,
-    overlap: Annotated[
-        float,
-        typer.Option(min=0.0, help="How far behind its position (s) late arrivals are caught."),
-    ] = 300.0,
-    settle: Annotated[
-        float, typer.Option(min=0.0, help="Read only up to now minus this many seconds.")
-    ] = 5.0,
+    overlap: OverlapOption = 300.0,
+    settle: SettleOption = 5.0,
     check_every: Annotated[
         float, typer.Option(min=0.0, help="Seconds between late-arrival checks.")
     ] = 120.0,
@@ -406,18 +409,11 @@ def serve(
         bool, typer.Option("--follow", help="Keep syncing from --api-url in this process.")
     ] = False,
     api_url: ApiUrlOption = DEFAULT_API_URL,
-    interval: Annotated[
-        float, typer.Option(min=0.0, help="--follow: seconds between polls.")
-    ] = 30.0,
+    interval: IntervalOption = 30.0,
     rate_limit: RateOption = 5,
     per: PerOption = 60.0,
-    overlap: Annotated[
-        float,
-        typer.Option(min=0.0, help="How far behind its position (s) late arrivals are caught."),
-    ] = 300.0,
-    settle: Annotated[
-        float, typer.Option(min=0.0, help="Read only up to now minus this many seconds.")
-    ] = 5.0,
+    overlap: OverlapOption = 300.0,
+    settle: SettleOption = 5.0,
     eur_per_scr: EurOption = str(DEFAULT_EUR_PER_SCR),
 ) -> None:
     """Serve the HTTP API over the store (--follow: and keep it synced, in one process)."""

@@ -24,7 +24,6 @@ import contextlib
 import contextvars
 import functools
 import heapq
-import html
 import json
 import logging
 import math
@@ -53,6 +52,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import __version__
+from .apidocs import docs_html
 from .models import (
     FIELDS,
     PROBLEM_SCHEMA,
@@ -1448,68 +1448,6 @@ def openapi_document(config: MockConfig) -> dict:
         },
         "components": _components(),
     }
-
-
-def _parameters_table(parameters: list[dict]) -> str:
-    if not parameters:
-        return ""
-    rows = "".join(
-        "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
-            *(
-                html.escape(str(value))
-                for value in (
-                    parameter["name"],
-                    parameter["in"],
-                    parameter["schema"].get("type", ""),
-                    parameter.get("description", ""),
-                )
-            )
-        )
-        for parameter in parameters
-    )
-    head = "<tr><th>parameter</th><th>in</th><th>type</th><th>description</th></tr>"
-    return f"<table>{head}{rows}</table>"
-
-
-def _operation_html(path: str, method: str, operation: dict, shared_parameters: list) -> str:
-    parameters = shared_parameters + operation.get("parameters", [])
-    responses = ", ".join(
-        f"<code>{code}</code> {html.escape(response['description'])}"
-        for code, response in operation["responses"].items()
-    )
-    description = operation.get("description", "")
-    return (
-        f"<section><h2><span class=m>{method.upper()}</span> <code>{html.escape(path)}</code></h2>"
-        f"<p>{html.escape(operation['summary'])}</p>"
-        + (f"<p>{html.escape(description)}</p>" if description else "")
-        + _parameters_table(parameters)
-        + f"<p>Responses: {responses}</p></section>"
-    )
-
-
-def docs_html(document: dict) -> str:
-    """A self-contained page (no CDN: it must work offline) listing the routes of the document."""
-    sections = []
-    for path, item in document["paths"].items():
-        shared = item.get("parameters", [])
-        for method, operation in item.items():
-            if method != "parameters":
-                sections.append(_operation_html(path, method, operation, shared))
-    info = document["info"]
-    style = (
-        "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;"
-        "text-align:left}.m{background:#2a6;color:#fff;padding:0 .4em;border-radius:3px}"
-    )
-    return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        f"<title>{html.escape(info['title'])}</title><style>{style}</style></head><body>"
-        f"<h1>{html.escape(info['title'])} {html.escape(info['version'])}</h1>"
-        f"<p>{html.escape(info['description'])}</p>"
-        '<p>Machine-readable: <a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1)</p>'
-        + "".join(sections)
-        + "</body></html>"
-    )
 
 
 # ---------------------------------------------------------------- running it
