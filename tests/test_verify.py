@@ -131,3 +131,34 @@ def test_verify_cli_exit_codes(db_path):
         ],
     )
     assert down.exit_code == 1 and "unavailable" in down.stderr
+
+
+def test_verify_runs_beside_a_following_sync(start_mock, db_path):
+    """Two processes' worth of writers on one store: both exact, neither blocks the other."""
+    import threading
+    import time
+
+    from txagg.models import loads
+    from txagg.report import user_report
+
+    fast = dict(rate_limit=100_000, per=1)
+    url = start_mock(seed=5, users=30, history=3000, tx_per_minute=3000, live_for=3, **fast)
+    live = dict(api_url=url, settle=0, overlap=10, check_every=0.5, interval=0.2, **fast)
+    with Store.open(db_path) as first:
+        Syncer(first, SyncOptions(**live)).run()
+    stop = threading.Event()
+    with Store.open(db_path) as for_sync, Store.open(db_path) as for_verify:
+        syncer = Syncer(for_sync, SyncOptions(**live), stop=stop)
+        follower = threading.Thread(target=syncer.follow)
+        follower.start()
+        reports = [verify(for_verify, SyncOptions(**live)) for _ in range(3)]
+        time.sleep(4)  # past the live traffic
+        stop.set()
+        follower.join(timeout=10)
+        syncer.close()
+        assert all(report.complete for report in reports)
+        Syncer(for_sync, SyncOptions(**live)).run()
+        truth = loads(httpx.get(url + "/users").content)["items"]
+        for expected in truth:
+            got = user_report(for_sync, expected["userId"])
+            assert {**got, "asOf": None} == {**expected, "asOf": None}
