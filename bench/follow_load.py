@@ -33,7 +33,7 @@ from txagg.store import Store  # noqa: E402
 # Every fault kind the mock knows, at rates a bad day might bring.
 DEFAULT_FAULTS = (
     "error=0.03,reset=0.01,truncate=0.01,nonjson=0.01,slow=0.01:{slow},late=0.1:{late},"
-    "drift=0.05,duplicate=0.02,outside=0.02,meta=0.02,invalid=0.01,conflict=0.005,"
+    "drift=0.05,duplicate=0.02,outside=0.02,meta=0.02,invalid=0.002,conflict=0.005,"
     "throttle=0.02:{retry}"
 )
 

@@ -204,8 +204,11 @@ class FakeClock:
 class FakeUpstream:
     """Items (id, createdAt ms, visible-at s); answers /transactions like the contract allows."""
 
-    def __init__(self, items, clock: FakeClock, inclusive_start: bool, inclusive_end: bool):
+    def __init__(
+        self, items, clock: FakeClock, inclusive_start: bool, inclusive_end: bool, broken=()
+    ):
         self.items = items
+        self.broken = frozenset(broken)  # ids served with an unusable createdAt
         self.clock = clock
         self.inclusive_start = inclusive_start
         self.inclusive_end = inclusive_end
@@ -227,7 +230,7 @@ class FakeUpstream:
             {
                 "id": tx_id,
                 "userId": f"{int(tx_id[2:]) % 7:06d}",
-                "createdAt": format_timestamp(created),
+                "createdAt": "not a date" if tx_id in self.broken else format_timestamp(created),
                 "type": "earned",
                 "amount": 1,
             }

@@ -615,5 +615,26 @@ class Store:
             open_ += row[0] - (row[1] or 0)
         return open_, closed
 
+    def clear_second(self, ms: int, floor: int | None = None) -> int:
+        """The latest whole second at or before ``ms`` on which no stored record sits exactly.
+
+        Window bounds go there: a record on a bound is counted or not depending on whether the
+        upstream's bounds are inclusive, and that uncertainty could hide a missing record.
+        """
+        moment = ms // 1000 * 1000
+        for _ in range(60):
+            if floor is not None and moment <= floor:
+                return moment
+            taken = self.conn.execute(
+                "SELECT 1 FROM transactions WHERE created_at = ? UNION ALL "
+                "SELECT 1 FROM quarantine WHERE created_at = ? UNION ALL "
+                "SELECT 1 FROM conflicts WHERE created_at = ? LIMIT 1",
+                (moment, moment, moment),
+            ).fetchone()
+            if taken is None:
+                return moment
+            moment -= 1000
+        return ms // 1000 * 1000
+
     def user_count(self) -> int:
         return self.counters().get("users", 0)

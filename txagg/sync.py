@@ -30,7 +30,14 @@ import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from . import __version__
-from .models import format_instant, format_query_time, loads
+from .models import (
+    InvalidRecord,
+    dumps,
+    format_instant,
+    format_query_time,
+    loads,
+    parse_created_at,
+)
 from .report import CHECK_EVERY, STALE_AFTER_SECONDS
 from .store import IngestResult, Store
 
@@ -289,11 +296,18 @@ class Reconciler:
     def count(self, start: int, end: int) -> int | None:
         return self.upstream.fetch(start, end, 1, 1).total
 
+    def split_point(self, start: int, end: int, total: int) -> int | None:
+        """Where to cut [start, end] in two, or None when it is small enough to read whole."""
+        if total <= self.page_size:
+            return None
+        middle = self.store.clear_second(start + (end - start) // 2, floor=start)
+        return middle if start < middle < end else None
+
     def _repair(self, start: int, end: int, total: int, budget: list[int]) -> None:
-        if total <= self.page_size or end - start <= 1000:
+        middle = self.split_point(start, end, total)
+        if middle is None:
             self.reread(start, end, total, budget)
             return
-        middle = (start + (end - start) // 2) // 1000 * 1000
         if budget[0] < 2:
             self.discrepancy(start, end, total, "repair budget spent")
             return
@@ -314,17 +328,26 @@ class Reconciler:
                 self._repair(low, high, half, budget)
 
     def reread(self, start: int, end: int, total: int, budget: list[int]) -> None:
+        """Read a small window again; record a discrepancy only for what stays unexplained.
+
+        A record whose createdAt is unusable has no place in any window of the store, so the
+        store's count alone would always come up short where one stands. Having just been
+        served ``total`` distinct records that may belong here (and stored every valid one),
+        nothing in this window can be missing.
+        """
         self.summary.repairs += 1
+        served: set[str] = set()
         page = 1
         while budget[0] > 0:
             budget[0] -= 1
             result = self.upstream.fetch(start, end, page, self.page_size)
+            served.update(_keys_inside(result.items, start, end))
             self.summary.add_ingest(self.store.ingest(result.items))
             self.summary.pages += 1
             if len(result.items) < self.page_size:
                 break
             page += 1
-        if self.store.count_window(start, end)[1] < total:
+        if self.store.count_window(start, end)[1] < total and len(served) < total:
             self.discrepancy(start, end, total, "still short after re-reading")
 
     def discrepancy(self, start: int, end: int, total: int | None, why: str) -> dict:
@@ -439,17 +462,19 @@ class Syncer:
         now_ms = self._now_ms()
         overlap_ms = int(self.options.overlap * 1000)
         verified = self.store.state_value("verified_until", self.options.since)
-        low = max(self.options.since, min(verified, position - overlap_ms)) // 1000 * 1000
+        low = max(self.options.since, min(verified, position - overlap_ms))
+        low = self.store.clear_second(low)
+        high = self.store.clear_second(position, floor=low)
         found: dict = {"at": format_instant(now_ms)}
-        if position > low:
+        if high > low:
             self.summary.checks += 1
             budget = [self.options.max_repair_requests]
             before = self.summary.requests
             try:
-                found.update(self.reconciler.reconcile(low, position, budget))
+                found.update(self.reconciler.reconcile(low, high, budget))
             finally:
                 self.summary.checkRequests += self.summary.requests - before
-        verified = max(verified, min(position, now_ms - overlap_ms))
+        verified = max(verified, min(high, now_ms - overlap_ms))
         self.store.put_state(last_check=found, last_check_ms=now_ms, verified_until=verified)
         return found
 
@@ -504,6 +529,20 @@ class Syncer:
                 "behind": self.summary.lagSeconds > STALE_AFTER_SECONDS,
             }
         )
+
+
+def _keys_inside(items: list, start: int, end: int) -> set[str]:
+    """The distinct records of a page that may stand in [start, end]: those dated inside it and
+    those whose date is unusable (valid ones returned from outside the window are left out)."""
+    keys = set()
+    for item in items:
+        try:
+            moment = parse_created_at(item.get("createdAt") if isinstance(item, dict) else None)
+        except InvalidRecord:
+            moment = None
+        if moment is None or start <= moment <= end:
+            keys.add(dumps(item))
+    return keys
 
 
 class ArrivalRate:

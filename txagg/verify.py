@@ -83,8 +83,8 @@ class Verifier:
 
     def run(self, since: int | None = None, until: int | None = None) -> VerifyReport:
         low, high = self.default_range()
-        low = low if since is None else since
-        high = high if until is None else until
+        low = self.store.clear_second(low if since is None else since)
+        high = self.store.clear_second(high if until is None else until, floor=low)
         saved = self.store.state_value("verify")
         if saved and saved["range"] == [low, high] and saved["pending"]:
             pending = saved["pending"]
@@ -119,17 +119,16 @@ class Verifier:
             self.reconciler.discrepancy(
                 low, high, total, "the upstream counts fewer than the store holds"
             )
-        elif total <= self.options.page_size or high - low <= ONE_SECOND:
+        elif (middle := self.reconciler.split_point(low, high, total)) is None:
             before = self.store.counters().get("transactions", 0)
             self.reconciler.reread(low, high, total, [self.options.max_repair_requests])
             self.report.reread += 1
             self.report.repaired += self.store.counters().get("transactions", 0) - before
         else:
-            return self._split(low, high, total)
+            return self._split(low, middle, high, total)
         return []
 
-    def _split(self, low: int, high: int, total: int) -> list[list]:
-        middle = (low + (high - low) // 2) // ONE_SECOND * ONE_SECOND
+    def _split(self, low: int, middle: int, high: int, total: int) -> list[list]:
         left = self.reconciler.count(low, middle)
         right = self.reconciler.count(middle, high)
         on_the_cut = self.store.count_window(middle, middle)[1]
