@@ -303,27 +303,36 @@ class Reconciler:
         middle = self.store.clear_second(start + (end - start) // 2, floor=start)
         return middle if start < middle < end else None
 
+    def halves(
+        self, start: int, middle: int, end: int, total: int, budget: list[int]
+    ) -> list[tuple[int, int, int]] | None:
+        """Count both halves of [start, end]; None (a discrepancy recorded) when they do not
+        add up to the whole. A record the store does not know may sit exactly on the cut, left
+        out of both halves by an upstream with exclusive bounds: so a second cut is tried one
+        second earlier before the counts are called unreliable."""
+        for _cut in range(2):
+            if budget[0] < 2:
+                self.discrepancy(start, end, total, "repair budget spent")
+                return None
+            budget[0] -= 2
+            left, right = self.count(start, middle), self.count(middle, end)
+            if left is None or right is None:
+                self.discrepancy(start, end, total, "the upstream gave no count")
+                return None
+            if left + right + self.store.count_window(middle, middle)[1] >= total:
+                return [(start, middle, left), (middle, end, right)]
+            middle = self.store.clear_second(middle - 1000, floor=start)
+            if middle <= start:
+                break
+        self.discrepancy(start, end, total, "the upstream's counts do not add up")
+        return None
+
     def _repair(self, start: int, end: int, total: int, budget: list[int]) -> None:
         middle = self.split_point(start, end, total)
         if middle is None:
             self.reread(start, end, total, budget)
             return
-        if budget[0] < 2:
-            self.discrepancy(start, end, total, "repair budget spent")
-            return
-        budget[0] -= 2
-        halves = [
-            (start, middle, self.count(start, middle)),
-            (middle, end, self.count(middle, end)),
-        ]
-        if any(half is None for _, _, half in halves):
-            self.discrepancy(start, end, total, "the upstream gave no count")
-            return
-        on_the_cut = self.store.count_window(middle, middle)[1]
-        if halves[0][2] + halves[1][2] + on_the_cut < total:
-            self.discrepancy(start, end, total, "the upstream's counts do not add up")
-            return
-        for low, high, half in halves:
+        for low, high, half in self.halves(start, middle, end, total, budget) or []:
             if half > self.store.count_window(low, high)[1]:
                 self._repair(low, high, half, budget)
 

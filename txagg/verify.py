@@ -129,13 +129,9 @@ class Verifier:
         return []
 
     def _split(self, low: int, middle: int, high: int, total: int) -> list[list]:
-        left = self.reconciler.count(low, middle)
-        right = self.reconciler.count(middle, high)
-        on_the_cut = self.store.count_window(middle, middle)[1]
-        if left is None or right is None or left + right + on_the_cut < total:
-            self.reconciler.discrepancy(low, high, total, "the upstream's counts do not add up")
-            return []
-        return [[low, middle, left], [middle, high, right]]
+        budget = [4]  # two cuts at most, the requests come off --max-requests as usual
+        halves = self.reconciler.halves(low, middle, high, total, budget)
+        return [list(half) for half in halves or []]
 
     def _sync_report(self) -> None:
         self.report.requests = self.summary.requests
