@@ -615,16 +615,24 @@ class Store:
             open_ += row[0] - (row[1] or 0)
         return open_, closed
 
-    def clear_second(self, ms: int, floor: int | None = None) -> int:
-        """The latest whole second at or before ``ms`` on which no stored record sits exactly.
+    def clear_second(self, ms: int, floor: int | None = None, ceiling: int | None = None) -> int:
+        """The whole second nearest ``ms`` on which no stored record sits exactly: at or before
+        ``ms`` (above ``floor``), or, given a ``ceiling``, on either side (below it).
 
         Window bounds go there: a record on a bound is counted or not depending on whether the
-        upstream's bounds are inclusive, and that uncertainty could hide a missing record.
+        upstream's bounds are inclusive, and that uncertainty could hide a missing record. Where
+        every second nearby is taken (very dense data), ``ms``'s own second is returned.
         """
-        moment = ms // 1000 * 1000
-        for _ in range(60):
+        base = ms // 1000 * 1000
+        steps = range(60) if ceiling is None else (k // 2 * (-1) ** k for k in range(1, 121))
+        for step in steps:
+            moment = base - step * 1000
             if floor is not None and moment <= floor:
-                return moment
+                if ceiling is None:
+                    return moment
+                continue
+            if ceiling is not None and moment >= ceiling:
+                continue
             taken = self.conn.execute(
                 "SELECT 1 FROM transactions WHERE created_at = ? UNION ALL "
                 "SELECT 1 FROM quarantine WHERE created_at = ? UNION ALL "
@@ -633,8 +641,7 @@ class Store:
             ).fetchone()
             if taken is None:
                 return moment
-            moment -= 1000
-        return ms // 1000 * 1000
+        return base
 
     def user_count(self) -> int:
         return self.counters().get("users", 0)

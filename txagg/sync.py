@@ -300,7 +300,7 @@ class Reconciler:
         """Where to cut [start, end] in two, or None when it is small enough to read whole."""
         if total <= self.page_size:
             return None
-        middle = self.store.clear_second(start + (end - start) // 2, floor=start)
+        middle = self.store.clear_second(start + (end - start) // 2, floor=start, ceiling=end)
         return middle if start < middle < end else None
 
     def halves(
@@ -321,8 +321,8 @@ class Reconciler:
                 return None
             if left + right + self.store.count_window(middle, middle)[1] >= total:
                 return [(start, middle, left), (middle, end, right)]
-            middle = self.store.clear_second(middle - 1000, floor=start)
-            if middle <= start:
+            middle = self.store.clear_second(middle - 1000, floor=start, ceiling=end)
+            if not start < middle < end:
                 break
         self.discrepancy(start, end, total, "the upstream's counts do not add up")
         return None
