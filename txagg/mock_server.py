@@ -55,6 +55,7 @@ from . import __version__
 from .apidocs import docs_html
 from .models import (
     FIELDS,
+    PAYOUT_ITEM_SCHEMA,
     PROBLEM_SCHEMA,
     TRANSACTION_SCHEMA,
     USER_REPORT_SCHEMA,
@@ -1301,15 +1302,7 @@ def _components() -> dict:
             for name in ("totalItems", "itemCount", "itemsPerPage", "totalPages", "currentPage")
         },
     }
-    payout = {
-        "type": "object",
-        "required": ["userId", "amount", "count"],
-        "properties": {
-            "userId": {"type": "string"},
-            "amount": {"type": "number", "description": "all payout requests added, SCR"},
-            "count": {"type": "integer", "minimum": 1},
-        },
-    }
+    payout = PAYOUT_ITEM_SCHEMA
 
     def listing(item: str) -> dict:
         return {

@@ -274,6 +274,16 @@ USER_REPORT_SCHEMA = {
     },
 }
 
+PAYOUT_ITEM_SCHEMA = {
+    "type": "object",
+    "required": ["userId", "amount", "count"],
+    "properties": {
+        "userId": {"type": "string"},
+        "amount": {"type": "number", "description": "all payout requests added, SCR"},
+        "count": {"type": "integer", "minimum": 1},
+    },
+}
+
 PROBLEM_SCHEMA = {
     "type": "object",
     "properties": {

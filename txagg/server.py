@@ -59,6 +59,7 @@ from . import __version__
 from .apidocs import docs_html
 from .models import (
     MAX_USER_ID_LENGTH,
+    PAYOUT_ITEM_SCHEMA,
     PROBLEM_SCHEMA,
     USER_REPORT_SCHEMA,
     dumps,
@@ -1117,15 +1118,7 @@ def _healthz_operation(config: ServeConfig) -> dict:
 
 
 def _components(config: ServeConfig) -> dict:
-    payout = {
-        "type": "object",
-        "required": ["userId", "amount", "count"],
-        "properties": {
-            "userId": {"type": "string"},
-            "amount": {"type": "number", "description": "all payout requests added, SCR"},
-            "count": {"type": "integer", "minimum": 1},
-        },
-    }
+    payout = PAYOUT_ITEM_SCHEMA
     nullable_time = {"type": ["string", "null"], "format": "date-time"}
     components: dict = {
         "schemas": {
