@@ -168,7 +168,8 @@ def test_window_bounds_avoid_seconds_that_hold_a_record(store):
     start = 1_700_000_000_000
     store.ingest([record(1, at_s=10), record(2, at_s=9), record(3, at_s=11)])
     assert store.clear_second(start + 10_500) == start + 8_000  # 10 and 9 are taken
-    assert store.clear_second(start + 10_500, floor=start + 9_000) == start + 9_000
+    # nothing clear above the floor: the second itself, ambiguous but never an empty window
+    assert store.clear_second(start + 10_500, floor=start + 9_000) == start + 10_000
     # a cut may move either way, inside (floor, ceiling)
     assert store.clear_second(start + 10_500, floor=start + 8_000, ceiling=start + 20_000) == (
         start + 12_000

@@ -629,7 +629,7 @@ class Store:
             moment = base - step * 1000
             if floor is not None and moment <= floor:
                 if ceiling is None:
-                    return moment
+                    break
                 continue
             if ceiling is not None and moment >= ceiling:
                 continue
