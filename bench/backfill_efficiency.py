@@ -8,15 +8,12 @@ Prints items per request, 429s drawn and the requests the budget allowed.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MockServer, machine, txagg  # noqa: E402
+from common import MockServer, machine, timed_sync  # noqa: E402
 
 LIMIT = ("--rate-limit", "5", "--per", "1")
 
@@ -30,25 +27,7 @@ def main() -> None:
         MockServer("--history", str(args.history), "--users", "5000", *LIMIT) as mock,
         tempfile.TemporaryDirectory() as scratch,
     ):
-        began = time.perf_counter()
-        out = subprocess.run(
-            txagg(
-                "sync",
-                "--api-url",
-                mock.url,
-                "--db",
-                str(Path(scratch) / "s.db"),
-                "--settle",
-                "0",
-                "--json",
-                *LIMIT,
-            ),
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        seconds = time.perf_counter() - began
-    summary = json.loads(out)
+        summary, seconds = timed_sync(mock.url, Path(scratch) / "s.db", *LIMIT)
     per_request = summary["new"] / summary["requests"]
     allowed = 5 + 5 * seconds
     print(

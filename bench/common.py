@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 
 def machine() -> str:
@@ -43,6 +46,18 @@ class MockServer:
     def __exit__(self, *exc) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
+
+
+def timed_sync(url: str, db: Path, *options: str) -> tuple[dict, float]:
+    """`txagg sync --json` in a subprocess, start-up included: its summary and wall seconds."""
+    began = time.perf_counter()
+    out = subprocess.run(
+        txagg("sync", "--api-url", url, "--db", str(db), "--settle", "0", "--json", *options),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out), time.perf_counter() - began
 
 
 def percentile(values: list[float], share: float) -> float:

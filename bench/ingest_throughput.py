@@ -9,15 +9,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MockServer, machine, txagg  # noqa: E402
+from common import MockServer, machine, timed_sync  # noqa: E402
 
 from txagg.store import Store  # noqa: E402
 from txagg.sync import SyncOptions, sync  # noqa: E402
@@ -35,25 +33,7 @@ def main() -> None:
         tempfile.TemporaryDirectory() as scratch,
     ):
         db = Path(scratch) / "a.db"
-        began = time.perf_counter()
-        out = subprocess.run(
-            txagg(
-                "sync",
-                "--api-url",
-                mock.url,
-                "--db",
-                str(db),
-                "--settle",
-                "0",
-                "--json",
-                *UNTHROTTLED,
-            ),
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        seconds = time.perf_counter() - began
-        summary = json.loads(out)
+        summary, seconds = timed_sync(mock.url, db, *UNTHROTTLED)
         print(
             f"end to end (subprocess, incl. start-up): {summary['new']} transactions in "
             f"{seconds:.2f} s = {summary['new'] / seconds:,.0f} tx/s, "
