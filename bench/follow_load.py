@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MockServer, machine, percentile, txagg  # noqa: E402
 
 from txagg.models import loads  # noqa: E402
+from txagg.report import differing_users  # noqa: E402
 from txagg.store import Store  # noqa: E402
 
 # Every fault kind the mock knows, at rates a bad day might bring.
@@ -208,18 +209,8 @@ def run_json(*args: str) -> dict:
 
 def compare(url: str, db: str) -> tuple[bool, list[str]]:
     truth = loads(httpx.get(url + "/users", timeout=60).content)["items"]
-    wrong = []
     with Store.open(db) as store:
-        from txagg.report import user_report
-
-        for expected in truth:
-            try:
-                got = user_report(store, expected["userId"])
-            except LookupError:
-                wrong.append(expected["userId"])
-                continue
-            if {**got, "asOf": None} != {**expected, "asOf": None}:
-                wrong.append(expected["userId"])
+        wrong = differing_users(store, truth)
     return not wrong, wrong
 
 

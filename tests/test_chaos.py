@@ -17,7 +17,8 @@ import pytest
 from conftest import run_txagg, txagg_command
 
 from txagg.models import loads
-from txagg.report import status_report, user_report
+from txagg.report import differing_users as report_differences
+from txagg.report import status_report
 from txagg.store import Store
 from txagg.sync import Syncer, SyncOptions, sync
 from txagg.verify import verify
@@ -46,16 +47,7 @@ def truth(url: str) -> list[dict]:
 
 
 def differing_users(store: Store, url: str) -> list[str]:
-    wrong = []
-    for expected in truth(url):
-        try:
-            got = user_report(store, expected["userId"])
-        except LookupError:
-            wrong.append(expected["userId"])
-            continue
-        if {**got, "asOf": None} != {**expected, "asOf": None}:
-            wrong.append(expected["userId"])
-    return wrong
+    return report_differences(store, truth(url))
 
 
 def settle_until_exact(store: Store, url: str, rounds: int = 4) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from .models import dumps, loads
-from .report import payouts_report, user_report
+from .models import loads
+from .report import differing_users, payouts_report, user_report
 from .store import Store
 from .sync import SyncOptions, sync
 
@@ -35,7 +35,7 @@ def run_demo(db: Path | None = None) -> dict:
                 summary = sync(store, SyncOptions(api_url=url, rate_limit=rate, per=per, settle=0))
                 seconds = time.monotonic() - started
                 truth = loads(httpx.get(f"{url}/users", timeout=10).content)["items"]
-                mismatches = _mismatches(store, truth)
+                mismatches = differing_users(store, truth)
                 richest = max(truth, key=lambda item: item["payout"])["userId"]
                 return {
                     "upstream": url,
@@ -49,14 +49,3 @@ def run_demo(db: Path | None = None) -> dict:
                 }
         finally:
             stop_mock()
-
-
-def _mismatches(store: Store, truth: list[dict]) -> list[str]:
-    """Users whose stored aggregates differ from the mock's truth (asOf aside)."""
-    wrong = []
-    for expected in truth:
-        got = user_report(store, expected["userId"])
-        fields = [key for key in expected if key != "asOf"]
-        if dumps([got[key] for key in fields]) != dumps([expected[key] for key in fields]):
-            wrong.append(expected["userId"])
-    return wrong

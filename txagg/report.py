@@ -57,6 +57,21 @@ def user_report(store: Store, user_id: str, eur_per_scr: Decimal = DEFAULT_EUR_P
     }
 
 
+def differing_users(store: Store, truth: list[dict]) -> list[str]:
+    """The users whose stored report differs from ``truth`` (report-shaped dicts, as the mock's
+    ``/users`` gives them), ``asOf`` aside; a user the store does not know differs too."""
+    wrong = []
+    for expected in truth:
+        try:
+            got = user_report(store, expected["userId"])
+        except UnknownUser:
+            wrong.append(expected["userId"])
+            continue
+        if {**got, "asOf": None} != {**expected, "asOf": None}:
+            wrong.append(expected["userId"])
+    return wrong
+
+
 def payouts_report(
     store: Store,
     *,
