@@ -2,12 +2,16 @@
 
     python bench/follow_load.py --load 0.8 --minutes 30 --scale 10
     python bench/follow_load.py --load 1.0 --minutes 30 --scale 10 --faults default
+    python bench/follow_load.py --load 0.2 --minutes 30 --scale 10 --late-per-minute 1
 
 Time-scaled: with --scale 10 every duration (rate window, interval, overlap, settle, check
 cadence, timeouts) is ten times shorter and the traffic ten times denser, so 30 simulated
 minutes take 3 real ones; figures are printed in simulated time. Prints lag p50/p99/max,
 requests used against the budget, 429s drawn, what the late-arrival checks cost, and whether
-the store ends exactly equal to the mock's ground truth.
+the store ends exactly equal to the mock's ground truth. With --late-per-minute N, about N live
+transactions a (simulated) minute show up late (createdAt up to half the overlap before they
+become visible), and the time from each one becoming visible to being in the store is printed
+(p50/p99/max).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MockServer, machine, percentile, txagg  # noqa: E402
 
-from txagg.models import loads  # noqa: E402
+from txagg.models import loads, parse_time  # noqa: E402
 from txagg.report import differing_users  # noqa: E402
 from txagg.store import Store  # noqa: E402
 
@@ -45,6 +49,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30, help="simulated minutes")
     parser.add_argument("--scale", type=float, default=10)
     parser.add_argument("--faults", default="", help="a --faults spec, or 'default'")
+    parser.add_argument(
+        "--late-per-minute", type=float, default=0.0, help="late arrivals a simulated minute"
+    )
     args = parser.parse_args()
     s = args.scale
     per = 60 / s
@@ -71,6 +78,9 @@ def main() -> None:
         "--per",
         str(per),
     ] + (["--faults", faults] if faults else [])
+    if args.late_per_minute:
+        ratio = args.late_per_minute / (5000 * args.load)
+        mock_args += ["--late-ratio", str(ratio), "--late-max", str(0.5 * overlap)]
     sync_args = [
         "--rate-limit",
         "5",
@@ -113,11 +123,18 @@ def main() -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        lags = sample_lag(db, follower, live_seconds + overlap + 2 * interval, s)
+        lags, late = sample_lag(db, follower, live_seconds + overlap + 2 * interval, s, mock.url)
         follower.send_signal(signal.SIGTERM)
         out, err = follower.communicate(timeout=60)
         summary = json.loads(out)
         print_follow_figures(args, lags, summary, overlap, interval)
+        if args.late_per_minute:
+            found = [seconds for seconds in late.values() if seconds is not None]
+            print(
+                f"late arrivals, visible to stored (simulated s): {lag_figures(found)}, "
+                f"{len(late) - len(found)} of {len(late)} not stored by the end of following",
+                flush=True,
+            )
         began = time.monotonic()
         final = run_json(
             "sync", "--api-url", mock.url, "--db", db, "--check-every", "0", *sync_args
@@ -182,22 +199,50 @@ def lag_figures(lags: list[float]) -> str:
     )
 
 
-def sample_lag(db: str, follower: subprocess.Popen, seconds: float, scale: float) -> list[float]:
-    """Lag (simulated seconds) sampled every half second of real time."""
-    lags = []
+def sample_lag(
+    db: str, follower: subprocess.Popen, seconds: float, scale: float, url: str
+) -> tuple[list[float], dict[str, float | None]]:
+    """Lag (simulated seconds) sampled every half second of real time; and for each late
+    arrival the mock reports, the simulated seconds from it becoming visible to being stored
+    (None while not stored)."""
+    lags: list[float] = []
+    late: dict[str, float | None] = {}
+    visible_at: dict[str, float] = {}
     end = time.monotonic() + seconds
     while time.monotonic() < end and follower.poll() is None:
         time.sleep(0.5)
+        for item in httpx.get(url + "/faults", timeout=30).json()["lateArrivals"]:
+            if item["id"] not in late:
+                late[item["id"]] = None
+                visible_at[item["id"]] = parse_time(item["visibleAt"]) / 1000
         try:
             with Store.open(db, create=False) as store:
                 as_of = store.state_value("as_of")
+                pending = [tx_id for tx_id, took in late.items() if took is None]
+                now = time.time()
+                for tx_id in stored_ids(store, pending):
+                    late[tx_id] = max(0.0, now - visible_at[tx_id]) * scale
         except Exception:  # not created yet
             continue
         if as_of is not None:
             lags.append(max(0.0, time.time() - as_of / 1000) * scale)
     if follower.poll() is not None:
         raise SystemExit(f"sync --follow died: {follower.stderr.read()}")
-    return lags
+    return lags, late
+
+
+def stored_ids(store: Store, ids: list[str]) -> list[str]:
+    found = []
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        found += [
+            row[0]
+            for row in store.conn.execute(
+                f"SELECT id FROM transactions WHERE id IN ({marks})", chunk
+            )
+        ]
+    return found
 
 
 def run_json(*args: str) -> dict:

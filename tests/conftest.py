@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC
 from decimal import Decimal
@@ -124,18 +125,23 @@ def page(items: list, total: int | None = None) -> tuple[int, dict, bytes]:
     return 200, {"Content-Type": "application/json"}, body
 
 
-@pytest.fixture
-def scripted() -> Callable[[list], ScriptedUpstream]:
+def _serving(server_class):
+    """A fixture body: a factory of ``server_class`` servers, all closed at teardown."""
     servers = []
 
-    def make(script: list) -> ScriptedUpstream:
-        server = ScriptedUpstream(script)
+    def make(argument):
+        server = server_class(argument)
         servers.append(server)
         return server
 
     yield make
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def scripted() -> Callable[[list], ScriptedUpstream]:
+    yield from _serving(ScriptedUpstream)
 
 
 def txagg_command(*args: str) -> list[str]:
@@ -150,6 +156,33 @@ def run_txagg(
     return subprocess.run(
         txagg_command(*args), capture_output=True, text=True, env=full_env, timeout=timeout
     )
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 60.0, every: float = 0.05):
+    """Poll ``condition`` until it holds and return its value: a generous deadline for what
+    must happen, never a guess at how long it takes (a loaded machine is slow)."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(every)
+    return result
+
+
+def peek(db: str | Path, read: Callable[[Store], object]) -> object:
+    """``read(store)`` on a store another process may be writing, through a read-only
+    connection (None while the store is not there or not readable yet)."""
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error:
+        return None
+    try:
+        return read(Store(conn, Path(db)))
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
 
 
 class MockProcess:
@@ -238,3 +271,98 @@ class FakeUpstream:
         ]
         meta = {"totalItems": len(visible), "itemCount": len(items), "currentPage": page}
         return httpx.Response(200, json={"items": items, "meta": meta})
+
+
+def paged_answer(items: list, page_size: int = 1000, total: int | None = None):
+    """An answer function serving ``items`` page by page, whatever the window."""
+
+    def answer(query: dict):
+        number = int(query.get("page", 1))
+        limit = int(query.get("limit", page_size))
+        chunk = items[(number - 1) * limit : number * limit]
+        return page(chunk, len(items) if total is None else total)
+
+    return answer
+
+
+def sync_options(url: str, **extra):
+    """SyncOptions for a test upstream: no budget to speak of, quick retries, no checks."""
+    from txagg.sync import SyncOptions
+
+    defaults = dict(
+        api_url=url,
+        since=START,
+        settle=0,
+        rate_limit=1000,
+        per=1,
+        backoff_initial=0.01,
+        backoff_max=0.05,
+        retry_for=10,
+        check_every=None,  # no late-arrival check unless a test asks for one
+    )
+    return SyncOptions(**{**defaults, **extra})
+
+
+class RawUpstream:
+    """A hostile HTTP server on loopback: ``answer(send, query)`` writes whatever bytes it
+    likes (``send`` returns False once the client has gone). Each connection gets its own
+    thread; every loop in an answer must end by itself or when the client goes away, and all
+    of them end when the server closes."""
+
+    def __init__(self, answer: Callable):
+        import socket
+
+        self.answer = answer
+        self.requests: list[dict] = []
+        self.closed = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        conn.settimeout(5)
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                head += data
+            target = head.split(b" ", 2)[1].decode()
+            query = {k: v[0] for k, v in parse_qs(urlsplit(target).query).items()}
+            self.requests.append(query)
+
+            def send(data: bytes) -> bool:
+                if self.closed.is_set():
+                    return False
+                try:
+                    conn.sendall(data)
+                    return True
+                except OSError:
+                    return False
+
+            self.answer(send, query)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def raw_upstream() -> Callable[[Callable], RawUpstream]:
+    yield from _serving(RawUpstream)

@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from conftest import run_txagg, txagg_command
+from conftest import peek, run_txagg, txagg_command, wait_for
 
 from txagg.models import loads
 from txagg.report import differing_users as report_differences
@@ -112,6 +112,11 @@ def test_live_faults_leave_the_totals_exact(kind, start_mock, store):
         assert status_report(store)["conflicts"] > 0
 
 
+def cursor(store: Store) -> tuple:
+    state = store.state()
+    return state.get("window_start"), state.get("page"), state.get("position")
+
+
 CHAOS_FAULTS = (
     "error=0.05,reset=0.03,truncate=0.03,nonjson=0.03,slow=0.03:1.5,late=0.2:2,drift=0.1,"
     "duplicate=0.05,outside=0.05,meta=0.05,invalid=0.02,conflict=0.02,throttle=0.03:1"
@@ -123,6 +128,9 @@ def test_chaos_follow_with_kills_ends_exact(mock_process, tmp_path):
         "--seed", "21", "--users", "80", "--history", "8000", "--tx-per-minute", "3000",
         "--live-for", "8", "--faults", CHAOS_FAULTS, "--rate-limit", "100000", "--per", "1",
     )  # fmt: skip
+    # Its clock started before it said it was listening; a run reads up to the last whole
+    # second before it starts: one more second and a run then reads the last live ones.
+    live_read = time.monotonic() + 8 + 1
     db = str(tmp_path / "chaos.db")
     follow = [
         "sync", "--follow", "--api-url", mock.url, "--db", db, "--interval", "0.3",
@@ -137,8 +145,13 @@ def test_chaos_follow_with_kills_ends_exact(mock_process, tmp_path):
         time.sleep(rng.uniform(1.0, 2.5))
         process.send_signal(signal.SIGKILL)
         process.wait()
+    before = peek(db, cursor)
     last = subprocess.Popen(txagg_command(*follow), stdout=subprocess.PIPE, text=True)
-    time.sleep(4)  # past the live traffic and its late arrivals
+    # Stopped once it has committed a page of its own (so it is following, its handlers set)
+    # and the live traffic, late arrivals included, is over: however slow the machine is.
+    wait_for(lambda: peek(db, cursor) not in (None, before) or last.poll() is not None)
+    wait_for(lambda: time.monotonic() > live_read, timeout=30)
+    assert last.poll() is None
     last.send_signal(signal.SIGTERM)
     out, _ = last.communicate(timeout=30)
     assert last.returncode == 0

@@ -138,3 +138,53 @@ def test_the_fast_path_answers_exactly_like_the_full_cli(filled):
     assert (fast.returncode, fast.stderr) == (3, full.stderr)
     env_db = run_txagg("report", "074092", env={"TXAGG_DB": str(filled)})
     assert env_db.stdout == invoke("report", "074092", "--db", filled).stdout
+
+
+READ_COMMANDS = (
+    ["report", "074092", "--json"],  # the fast path
+    ["report", "074092", "--eur-per-scr", "1"],  # the full CLI
+    ["payouts"],
+    ["status"],
+)
+
+
+def test_read_commands_never_create_or_change_a_file(tmp_path):
+    import sqlite3
+
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a store at all\n" * 300)
+    foreign = tmp_path / "foreign.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE notes (text)")
+    conn.commit()
+    conn.close()
+    missing = tmp_path / "missing.db"
+    expected = {
+        empty: f"Error: {empty} is an empty file, not a txagg store",
+        junk: f"Error: {junk} is not a txagg store (not a SQLite database)",
+        foreign: f"Error: {foreign} is a SQLite database but not a txagg store",
+        missing: f"Error: no store at {missing}: run 'txagg sync' first",
+    }
+    files = {path: path.read_bytes() for path in (empty, junk, foreign)}
+    for path, message in expected.items():
+        for args in [*READ_COMMANDS, ["serve", "--port", "0"]]:
+            result = run_txagg(*args, "--db", str(path), timeout=60)
+            assert (result.returncode, result.stdout) == (1, ""), (path.name, args, result)
+            assert result.stderr.startswith(message), (path.name, args, result.stderr)
+            assert result.stderr.count("\n") == 1, result.stderr
+            assert {p: p.read_bytes() for p in files} == files, (path.name, args)
+            assert sorted(tmp_path.iterdir()) == sorted(files), (path.name, args)
+
+
+def test_read_commands_leave_a_store_as_they_found_it(filled):
+    with Store.open(filled) as store:
+        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert sorted(p.name for p in filled.parent.iterdir()) == [filled.name]
+    before = filled.read_bytes()
+    for args in READ_COMMANDS:
+        result = run_txagg(*args, "--db", str(filled))
+        assert result.returncode == 0, (args, result.stderr)
+        assert filled.read_bytes() == before, args
+        assert sorted(p.name for p in filled.parent.iterdir()) == [filled.name], args

@@ -286,7 +286,7 @@ def test_invalid_records_of_every_kind_are_served_and_never_counted(broken):
         "amount is not positive",
         "amount is not a number",
         "more than 2 decimal places",
-        "absurdly large",
+        "above the maximum",
         "not a parseable date",
         "no time zone",
         "id is not a non-empty string",

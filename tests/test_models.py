@@ -56,7 +56,7 @@ def test_amounts_parse_to_exact_cents():
         ({"amount": 0}, "not positive"),
         ({"amount": -5}, "not positive"),
         ({"amount": Decimal("1.005")}, "more than 2 decimal places"),
-        ({"amount": Decimal("1e15")}, "absurdly large"),
+        ({"amount": Decimal("1e15")}, "above the maximum"),
         ({"amount": Decimal("NaN")}, "finite"),
         ({"type": "refund"}, "unknown type"),
         ({"createdAt": "yesterday"}, "not a parseable date"),

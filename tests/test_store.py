@@ -1,8 +1,10 @@
 import sqlite3
 from decimal import Decimal
 
+import httpx
 import pytest
-from conftest import record
+from conftest import START as START_MS
+from conftest import record, run_txagg
 
 from txagg.store import (
     MIGRATIONS_TABLE,
@@ -119,14 +121,14 @@ def test_rows_totals_and_cursor_change_together_or_not_at_all(store):
 def test_the_rate_budget_is_shared_by_every_connection(db_path):
     with Store.open(db_path) as one, Store.open(db_path) as two:
         now = 1000.0
-        taken = [(one, two)[i % 2].take_token(5, 60, now) for i in range(4)]
+        taken = [(one, two)[i % 2].take_token(5, 60, now)[0] for i in range(4)]
         assert taken == [0.0] * 4
         # the fifth would leave less than the safety margin: it waits for the margin to refill
-        assert two.take_token(5, 60, now) == pytest.approx(12.0 * TOKEN_MARGIN)
-        assert one.take_token(5, 60, now + 12 * TOKEN_MARGIN) == 0.0
-        assert two.take_token(5, 60, now + 12 * TOKEN_MARGIN) == pytest.approx(12.0)
-        two.block_until(now + 100)
-        assert one.take_token(5, 60, now + 50) == pytest.approx(50.0, abs=0.01)
+        assert two.take_token(5, 60, now)[0] == pytest.approx(12.0 * TOKEN_MARGIN)
+        assert one.take_token(5, 60, now + 12 * TOKEN_MARGIN)[0] == 0.0
+        assert two.take_token(5, 60, now + 12 * TOKEN_MARGIN)[0] == pytest.approx(12.0)
+        two.block_until(now + 100, now)
+        assert one.take_token(5, 60, now + 50)[0] == pytest.approx(50.0, abs=0.01)
         assert one.counters()["requests"] == 5 and one.counters()["throttled"] == 1
 
 
@@ -175,3 +177,67 @@ def test_window_bounds_avoid_seconds_that_hold_a_record(store):
         start + 12_000
     )
     assert store.clear_second(start + 12_345) == start + 12_000
+
+
+MAX_TOTAL_CENTS = 10**18  # the documented per-user maximum of earned, spent and payout
+MAX_SCR = Decimal(10**11)  # models.MAX_AMOUNT_CENTS in SCR: the largest valid amount
+
+
+def test_totals_stop_at_their_maximum_and_what_would_pass_it_is_quarantined(store, db_path):
+    from txagg import store as store_module
+    from txagg.server import ServeConfig, start_in_thread
+
+    n = 0
+    for at_s, kind in enumerate(["spent"] * 100 + ["payout"] * 100):  # 100,000 of each
+        store.ingest([record(n + i, kind=kind, amount=MAX_SCR, at_s=at_s) for i in range(1000)])
+        n += 1000
+    totals = store.user_totals("000001")
+    assert (totals.spent, totals.payout, totals.tx_count) == (MAX_TOTAL_CENTS,) * 2 + (200_000,)
+    past = (
+        [record(n + i, kind="payout", amount=MAX_SCR, at_s=300) for i in range(999)]
+        + [record(n + 999, kind="spent", amount=Decimal("0.01"), at_s=300)]
+        + [record(n + 1000, kind="earned", amount=Decimal("1.5"), at_s=301)]
+        + [record(n + 1001, user="000002", kind="payout", amount=MAX_SCR, at_s=302)]
+    )
+    result = store.ingest(list(reversed(past)), state={"as_of": START_MS + 400_000})
+    assert (result.new, result.quarantined) == (2, 1000)
+    again = store.ingest(past)  # the same page again, in another order: nothing changes
+    assert (again.new, again.quarantined, again.duplicates) == (0, 0, 2)
+    totals = store.user_totals("000001")
+    assert (totals.earned, totals.spent, totals.payout) == (150, MAX_TOTAL_CENTS, MAX_TOTAL_CENTS)
+    assert (totals.tx_count, totals.payout_count) == (200_001, 100_000)
+    assert all(type(value) is int for value in (totals.earned, totals.spent, totals.payout))
+    assert store.counters()["quarantined"] == 1000
+    reasons = dict(
+        store.conn.execute(
+            "SELECT reason, count(*) FROM quarantine WHERE times_seen = 2 GROUP BY reason"
+        ).fetchall()
+    )
+    assert reasons == {
+        "would push the user's payout total past the maximum of 10000000000000000 SCR": 999,
+        "would push the user's spent total past the maximum of 10000000000000000 SCR": 1,
+    }
+    expected = [("000001", MAX_TOTAL_CENTS, 100_000), ("000002", 10**13, 1)]
+    assert store.payouts() == expected
+    assert store.payouts(since=START_MS, until=START_MS + 1_000_000) == expected
+
+    report = (
+        '{"userId": "000001", "balance": -19999999999999998.5, "earned": 1.5, '
+        '"spent": 10000000000000000, "payout": 10000000000000000, '
+        '"paidOut": 10000000000000000, "transactions": 200001, '
+        '"lastTransactionAt": "2023-11-14T22:18:21.000Z", "asOf": "2023-11-14T22:20:00Z"}\n'
+    )
+    fast = run_txagg("report", "000001", "--db", str(db_path), "--json")
+    assert (fast.returncode, fast.stdout, fast.stderr) == (0, report, "")
+    full = run_txagg("report", "000001", "--db", str(db_path), "--eur-per-scr", "0.915")
+    assert full.returncode == 0, full.stderr
+    assert full.stdout == report.replace(
+        '"paidOut": 10000000000000000', '"paidOut": 9150000000000000'
+    )
+    url, stop = start_in_thread(ServeConfig(db=db_path, port=0))
+    try:
+        answer = httpx.get(f"{url}/users/000001", timeout=30)
+    finally:
+        stop()
+    assert (answer.status_code, answer.text + "\n") == (200, report)
+    assert store_module.MAX_TOTAL_CENTS == MAX_TOTAL_CENTS

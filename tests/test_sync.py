@@ -9,7 +9,7 @@ import threading
 import time
 
 import httpx
-from conftest import START, txagg_command
+from conftest import START, peek, txagg_command, wait_for
 
 from txagg.models import loads
 from txagg.report import payouts_report, user_report
@@ -38,7 +38,8 @@ def test_backfill_reads_full_pages_only(start_mock, store):
     summary = sync(store, options(url))
     assert summary.new == 25_000
     # 25 full pages, the empty page that ends the window, one count that checks all of it
-    assert (summary.requests, summary.pages, summary.duplicates) == (27, 26, 0)
+    # (its one item, already stored, comes back as a duplicate)
+    assert (summary.requests, summary.pages, summary.duplicates) == (27, 26, 1)
     assert (summary.checks, summary.repairs) == (1, 0)
     assert_exact(store, url)
 
@@ -77,11 +78,13 @@ def test_follow_catches_live_and_late_transactions(start_mock, store):
     )
     follower = threading.Thread(target=syncer.follow)
     follower.start()
-    time.sleep(4)
-    stop.set()
-    follower.join(timeout=10)
+    try:
+        # Until it has read live traffic and run two checks, however slowly the machine goes.
+        wait_for(lambda: syncer.summary.checks >= 2 and syncer.summary.new > 2000)
+    finally:
+        stop.set()
+        follower.join(timeout=30)
     assert not follower.is_alive()
-    assert syncer.summary.checks >= 2 and syncer.summary.new > 2000
     syncer.close()
     # Late ones land up to late_max behind what was already read; once they are all visible,
     # one more run with its check must leave the store equal to the upstream up to a settled
@@ -125,9 +128,19 @@ def test_follow_stops_cleanly_on_sigterm(mock_process, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(2.5)
+
+    def position(after: int = 0) -> int | None:
+        """The store's sync position once past ``after`` and the 500 history transactions."""
+        assert process.poll() is None, process.stderr.read()
+        stored = peek(db, lambda store: store.counters().get("transactions", 0)) or 0
+        moment = peek(db, lambda store: store.state_value("position"))
+        return moment if stored >= 500 and moment is not None and moment > after else None
+
+    # Following (its handlers set) once it has stored the history and read a later window.
+    first = wait_for(position)
+    wait_for(lambda: position(after=first))
     process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=15)
+    out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
     summary = json.loads(out)
     assert summary["new"] >= 500 and summary["pages"] >= 2

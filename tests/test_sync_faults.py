@@ -7,37 +7,16 @@ import time
 from decimal import Decimal
 
 import pytest
-from conftest import START, page, record
+from conftest import START, FakeClock, page, paged_answer, record, sync_options
 
+from txagg.models import parse_time
 from txagg.store import Store
-from txagg.sync import Syncer, SyncOptions, UpstreamError, parse_retry_after, sync
+from txagg.sync import Syncer, UpstreamError, parse_retry_after, sync
+
+options = sync_options
 
 
-def options(url: str, **extra) -> SyncOptions:
-    defaults = dict(
-        api_url=url,
-        since=START,
-        settle=0,
-        rate_limit=1000,
-        per=1,
-        backoff_initial=0.01,
-        backoff_max=0.05,
-        retry_for=10,
-        check_every=None,  # no late-arrival check unless a test asks for one
-    )
-    return SyncOptions(**{**defaults, **extra})
-
-
-def paged(items: list, page_size: int = 1000, total: int | None = None):
-    """An answer function serving ``items`` page by page, whatever the window."""
-
-    def answer(query: dict):
-        number = int(query.get("page", 1))
-        limit = int(query.get("limit", page_size))
-        chunk = items[(number - 1) * limit : number * limit]
-        return page(chunk, len(items) if total is None else total)
-
-    return answer
+paged = paged_answer
 
 
 def test_429_retry_after_is_honoured_and_blocks_the_store(scripted, store):
@@ -149,24 +128,31 @@ def test_max_requests_bounds_a_run_and_the_next_run_resumes(scripted, store):
 
 
 def test_late_arrivals_inside_the_overlap_are_found_and_repaired(scripted, store):
-    base = (int(time.time()) - 100) * 1000
-    early = [record(n, at_s=n, base=base) for n in range(0, 40, 2)]
-    server = scripted([paged(early)])
-    sync(store, options(server.url))
-    # createdAt before the position: they show up only after the first run read past them
-    late = [record(n, at_s=n, base=base) for n in range(1, 40, 2)]
-    everything = sorted(early + late, key=lambda r: r["createdAt"])
+    # A fake clock and an upstream that answers each window with what it holds: the second run
+    # reads on from the first one's position and finds nothing new there, so only its check
+    # can find the late ones, whatever the wall clock does between the runs.
+    clock = FakeClock(START // 1000 + 100)
+    timed = dict(clock=clock, sleep=clock.sleep)
+    early = [record(n, at_s=n) for n in range(0, 40, 2)]
+    shown = list(early)
 
     def answer(query):
-        limit = int(query["limit"])
-        number = int(query["page"])
-        chunk = everything[(number - 1) * limit : number * limit]
-        return page(chunk, len(everything))
+        low, high = parse_time(query["startDate"]), parse_time(query["endDate"])
+        inside = [item for item in shown if low <= parse_time(item["createdAt"]) <= high]
+        limit, number = int(query["limit"]), int(query["page"])
+        return page(inside[(number - 1) * limit : number * limit], len(inside))
 
-    server.script = [answer]
-    summary = sync(store, options(server.url, check_every=0, overlap=3600))
+    server = scripted([answer])
+    sync(store, options(server.url), **timed)
+    # createdAt before the position: they show up only after the first run read past them
+    shown += [record(n, at_s=n) for n in range(1, 40, 2)]
+    clock.sleep(30)
+    server.requests.clear()
+    summary = sync(store, options(server.url, check_every=0, overlap=3600), **timed)
+    assert summary.new == 20 and summary.pages == 2  # the main read's page and the re-read's
     assert summary.checks == 1 and summary.repairs == 1
     assert summary.checkRequests == 2  # one count, one re-read of the (one-page) window
+    assert summary.requests == 3 and len(server.requests) == 3
     assert store.user_totals("000001").tx_count == 40
     assert store.state_value("last_check")["repairedTo"] == 40
 

@@ -45,7 +45,7 @@ def _fast_report(argv: list[str]) -> int | None:
 
     path = db or default_db_path()
     try:
-        with Store.open(path, create=False) as store:
+        with Store.open(path, create=False, read_only=True) as store:
             body = user_report(store, user_id)
     except UnknownUser as error:
         print(f"Error: {error}", file=sys.stderr)

@@ -108,11 +108,15 @@ def print_json(body: object) -> None:
 
 
 @contextmanager
-def open_store(db: Path | None, *, create: bool = False) -> Iterator[Store]:
-    """The store, with every store failure inside the block turned into a clear exit 1."""
+def open_store(
+    db: Path | None, *, create: bool = False, read_only: bool = False
+) -> Iterator[Store]:
+    """The store, with every store failure inside the block turned into a clear exit 1.
+
+    ``read_only``: for the read commands, which never create, migrate or write a store."""
     path = db or default_db_path()
     try:
-        with Store.open(path, create=create) as store:
+        with Store.open(path, create=create, read_only=read_only) as store:
             yield store
     except StoreError as error:
         raise fail(str(error)) from None
@@ -163,7 +167,7 @@ def report(
 ) -> None:
     """One user's balance, earned, spent, payout and paidOut."""
     rate = parse_rate(eur_per_scr)
-    with open_store(db) as store:
+    with open_store(db, read_only=True) as store:
         try:
             body = user_report(store, user_id, rate)
         except UnknownUser as error:
@@ -188,7 +192,7 @@ def payouts(
     """The requested payouts, one row per user with all their payout requests added up."""
     since_ms = parse_instant(since, "--since")
     until_ms = parse_instant(until, "--until")
-    with open_store(db) as store:
+    with open_store(db, read_only=True) as store:
         body = payouts_report(store, since=since_ms, until=until_ms)
     if wants_json(json_):
         print_json(body)
@@ -205,7 +209,7 @@ def status(
     per: PerOption = 60.0,
 ) -> None:
     """Where sync stands: position, lag, counts, quarantine, conflicts, rate budget."""
-    with open_store(db) as store:
+    with open_store(db, read_only=True) as store:
         body = status_report(store, rate=rate_limit, per=per)
     if wants_json(json_):
         print_json(body)
@@ -320,10 +324,16 @@ def verify(
 ) -> None:
     """Reconcile the stored history with the upstream window by window, and repair it."""
     from .sync import SyncOptions, UpstreamError
+    from .verify import NothingSynced, ReversedRange
     from .verify import verify as run_verify
 
     since_ms = parse_instant(since, "--since")
     until_ms = parse_instant(until, "--until")
+    if since_ms is not None and until_ms is not None and since_ms > until_ms:
+        raise typer.BadParameter(
+            f"the start {since!r} is later than the end {until!r}",
+            param_hint="'--since' / '--until'",
+        )
     options = SyncOptions(
         api_url=api_url,
         rate_limit=rate_limit,
@@ -338,8 +348,10 @@ def verify(
             report = run_verify(store, options, since_ms, until_ms, stop=stop_on_signals())
         except SyncLocked as error:
             raise fail(str(error), EXIT_LOCKED) from None
-        except UpstreamError as error:
+        except (UpstreamError, NothingSynced) as error:
             raise fail(str(error)) from None
+        except ReversedRange as error:  # checked above; kept for callers of the core
+            raise fail(str(error), EXIT_USAGE) from None
     body = report.as_dict()
     if wants_json(json_):
         print_json(body)

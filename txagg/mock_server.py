@@ -97,6 +97,7 @@ FAULT_KINDS = (
     "conflict",
     "throttle",
 )
+LATE_LOG_SIZE = 100_000  # late arrivals listed at /faults, the newest
 TIMED_FAULTS = ("slow", "late", "throttle")  # these take P:SECONDS
 MAX_FAULT_SECONDS = 3600.0  # an hour of sleep or Retry-After is a typo, not a test
 
@@ -406,7 +407,7 @@ class FaultInjector:
             self.injected[kind] += times
             return self.injected[kind]
 
-    def report(self, data_counts: Mapping[str, int]) -> dict:
+    def report(self, data_counts: Mapping[str, int], late_arrivals: list[dict]) -> dict:
         """The body of GET /faults."""
         with self._lock:
             injected = {**self.injected, **data_counts}
@@ -416,6 +417,7 @@ class FaultInjector:
             "settings": self.faults.settings(),
             "requests": requests,
             "injected": {kind: injected[kind] for kind in FAULT_KINDS},
+            "lateArrivals": late_arrivals,
         }
 
     # ------------------------------------------------------------ shaping a page
@@ -656,6 +658,7 @@ class MockUpstream:
         )
         self.injector = FaultInjector(config.fault_settings, config.seed)
         self._late_made = 0
+        self._late_log: deque[tuple[str, int, int]] = deque(maxlen=LATE_LOG_SIZE)
         # What drift added per user: left out of what the data generator may spend, so the
         # data's own draws (and so every id, amount and user) are the same with faults or not.
         self._fault_earned = [0] * config.users
@@ -769,8 +772,9 @@ class MockUpstream:
         late = self.config.late_ratio > 0 and rng.random() < self.config.late_ratio
         if late and self._late_max_ms > 0:
             created = visible_ms - int(rng.random() * self._late_max_ms)
-            self._make_transaction(created, late=True)
+            tx_id = self._make_transaction(created, late=True)[0]
             self._late_made += 1
+            self._late_log.append((tx_id, created, visible_ms))
             return
         made = self._make_transaction(visible_ms)
         # Only originals that are on time: a late original could surface after its conflicting
@@ -935,7 +939,15 @@ class MockUpstream:
                 "invalid": self._invalid_served,
                 "conflict": self._conflicts_shown,
             }
-        return self.injector.report(data_counts)
+            late = [
+                {
+                    "id": tx_id,
+                    "createdAt": format_timestamp(created),
+                    "visibleAt": format_timestamp(visible),
+                }
+                for tx_id, created, visible in self._late_log
+            ]
+        return self.injector.report(data_counts, late)
 
 
 # ---------------------------------------------------------------- rate limit
@@ -1384,6 +1396,19 @@ def _fault_report_schema() -> dict:
                 "type": "object",
                 "properties": {kind: {"type": "integer", "minimum": 0} for kind in FAULT_KINDS},
                 "required": list(FAULT_KINDS),
+            },
+            "lateArrivals": {
+                "type": "array",
+                "description": f"the last {LATE_LOG_SIZE} late arrivals: id and when it showed",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "createdAt", "visibleAt"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "createdAt": {"type": "string", "format": "date-time"},
+                        "visibleAt": {"type": "string", "format": "date-time"},
+                    },
+                },
             },
         },
     }

@@ -8,9 +8,10 @@ Instants are integer milliseconds since the Unix epoch, UTC.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 TYPES = ("earned", "spent", "payout")
 FIELDS = ("id", "userId", "createdAt", "type", "amount")
@@ -18,6 +19,10 @@ FIELDS = ("id", "userId", "createdAt", "type", "amount")
 MAX_ID_LENGTH = 128
 MAX_USER_ID_LENGTH = 64
 MAX_AMOUNT_CENTS = 10**13  # 100 billion SCR: anything larger is a broken record, not a payment
+MAX_AMOUNT = Decimal(MAX_AMOUNT_CENTS) / 100
+MAX_RECORD_DEPTH = 16  # a record is flat; nesting past this is a broken record
+MAX_RAW_CHARS = 16 * 1024  # what the quarantine keeps of one record's text
+MAX_INT_DIGITS = 18  # longer integer literals stay exact Decimals (no giant ints, no int() limit)
 MIN_INSTANT_MS = 0  # 1970-01-01
 MAX_INSTANT_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 
@@ -78,15 +83,30 @@ def cents_to_decimal(cents: int) -> Decimal:
 
 
 def decimal_to_cents(value: Decimal) -> int:
-    """An exact amount with at most two decimals as cents; ValueError otherwise."""
-    scaled = value * 100
-    if scaled != scaled.to_integral_value():
+    """An exact finite amount with at most two decimals as cents; ValueError otherwise.
+
+    Works on the digits, never through a decimal context: no rounding, no Overflow, whatever
+    the exponent (``1e-999999999``, ``10.0100000000000000000000000001``).
+    """
+    if not value.is_finite():
+        raise ValueError("not a finite number")
+    _sign, digits, exponent = value.as_tuple()
+    if exponent >= -2:
+        if len(digits) + exponent > 20:  # past any amount we accept: no giant int is built
+            raise ValueError("out of range")
+        return int("".join(map(str, digits)) or "0") * 10 ** (exponent + 2) * (-1 if _sign else 1)
+    extra = -2 - exponent  # digits past the cent
+    if any(digits[-extra:]):
         raise ValueError("more than 2 decimal places")
-    return int(scaled)
+    kept = digits[:-extra]
+    return int("".join(map(str, kept)) or "0") * (-1 if _sign else 1)
 
 
 def parse_amount(value: object) -> int:
-    """A positive JSON amount (int or Decimal, as json.loads(parse_float=Decimal) gives it)."""
+    """A positive JSON amount (int or Decimal, as ``loads`` gives it) as exact cents.
+
+    More than 2 decimals, zero, negative, non-finite or above MAX_AMOUNT: InvalidRecord.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, Decimal, float)):
         raise InvalidRecord("amount is not a number")
     if isinstance(value, float):
@@ -94,15 +114,16 @@ def parse_amount(value: object) -> int:
         value = Decimal(repr(value))
     if isinstance(value, Decimal) and not value.is_finite():
         raise InvalidRecord("amount is not a finite number")
-    if value <= 0:
+    if value <= 0:  # exact comparisons: no context involved
         raise InvalidRecord("amount is not positive")
+    if value > MAX_AMOUNT:
+        raise InvalidRecord(f"amount is above the maximum of {format_cents(MAX_AMOUNT_CENTS)}")
+    if isinstance(value, int):
+        return value * 100
     try:
-        cents = value * 100 if isinstance(value, int) else decimal_to_cents(value)
-    except (ValueError, InvalidOperation):
+        return decimal_to_cents(value)
+    except ValueError:
         raise InvalidRecord("amount has more than 2 decimal places") from None
-    if cents > MAX_AMOUNT_CENTS:
-        raise InvalidRecord("amount is absurdly large")
-    return cents
 
 
 def format_decimal(value: Decimal) -> str:
@@ -178,13 +199,52 @@ def parse_created_at(value: object) -> int:
 # ---------------------------------------------------------------- records
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def _text_field(record: dict, name: str, max_length: int) -> str:
     value = record[name]
     if not isinstance(value, str) or not value:
         raise InvalidRecord(f"{name} is not a non-empty string")
     if len(value) > max_length:
         raise InvalidRecord(f"{name} is longer than {max_length} characters")
+    if _CONTROL.search(value):
+        raise InvalidRecord(f"{name} holds control characters or unpaired surrogates")
     return value
+
+
+def _depth(value: object, limit: int) -> int:
+    """How deeply ``value`` nests (a scalar is 0), counting no further than ``limit + 1``;
+    iterative, so no input can exhaust the stack."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def describe(value: object, width: int = 40) -> str:
+    """A short, safe rendering of any decoded JSON value for a message."""
+    if isinstance(value, str):
+        return repr(value[:width])
+    if isinstance(value, (dict, list)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+    if isinstance(value, Decimal):
+        text = str(value)
+    else:
+        text = repr(value) if not isinstance(value, int) or value.bit_length() < 64 else "a big int"
+    return text[:width]
 
 
 def parse_transaction(record: object) -> Transaction:
@@ -194,9 +254,11 @@ def parse_transaction(record: object) -> Transaction:
     missing = [name for name in FIELDS if name not in record]
     if missing:
         raise InvalidRecord("missing field: " + ", ".join(missing))
+    if len(record) > len(FIELDS) and _depth(record, MAX_RECORD_DEPTH) > MAX_RECORD_DEPTH:
+        raise InvalidRecord(f"record nests deeper than {MAX_RECORD_DEPTH} levels")
     kind = record["type"]
-    if kind not in TYPES:
-        raise InvalidRecord(f"unknown type: {str(kind)[:40]!r}")
+    if not isinstance(kind, str) or kind not in TYPES:
+        raise InvalidRecord(f"unknown type: {describe(kind)}")
     return Transaction(
         id=_text_field(record, "id", MAX_ID_LENGTH),
         user_id=_text_field(record, "userId", MAX_USER_ID_LENGTH),
@@ -206,9 +268,47 @@ def parse_transaction(record: object) -> Transaction:
     )
 
 
+def _parse_int(text: str) -> int | Decimal:
+    return int(text) if len(text) <= MAX_INT_DIGITS else Decimal(text)
+
+
 def loads(text: str | bytes) -> object:
-    """Parse JSON keeping every non-integer number as an exact Decimal."""
-    return json.loads(text, parse_float=Decimal)
+    """Parse JSON keeping every number exact: non-integers (and NaN, Infinity) as Decimal,
+    integers as int, or as Decimal when longer than MAX_INT_DIGITS digits.
+
+    Raises ValueError for text that is not JSON and RecursionError for absurd nesting.
+    """
+    return json.loads(text, parse_float=Decimal, parse_int=_parse_int, parse_constant=Decimal)
+
+
+def raw_text(record: object) -> str:
+    """A received record as JSON text for the quarantine: safe for any decoded value.
+
+    Decimals keep their exact text (``1E+999999999`` is never expanded); what nests deeper than
+    MAX_RECORD_DEPTH becomes ``"..."``; the text stops at MAX_RAW_CHARS characters.
+    """
+    text = _raw(record, MAX_RECORD_DEPTH)
+    if len(text) > MAX_RAW_CHARS:
+        text = text[:MAX_RAW_CHARS] + "...(truncated)"
+    return text
+
+
+def _raw(value: object, depth: int) -> str:
+    if isinstance(value, (dict, list)) and depth <= 0:
+        return '"..."'
+    if isinstance(value, dict):
+        return "{" + ", ".join(
+            f"{json.dumps(str(key))}: {_raw(item, depth - 1)}" for key, item in value.items()
+        ) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_raw(item, depth - 1) for item in value) + "]"
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return hex(value)
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(value)
 
 
 def dumps(value: object) -> str:

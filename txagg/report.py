@@ -119,6 +119,7 @@ def status_report(
         "verifiedUntil": _instant(state.get("verified_until")),
         "load": _load(store, as_of, rate, per),
         "discrepancies": state.get("discrepancies", []),
+        "upstreamCounts": _counts_trust(state.get("counts_unreliable")),
         "lastCheck": state.get("last_check"),
         "lastRun": last_run,
         "rateBudget": {
@@ -153,6 +154,19 @@ def _load(store: Store, as_of: int | None, rate: int, per: float) -> dict:
         "ceilingPerMinute": ceiling,
         "sustainablePerMinute": sustainable,
         "fallsBehind": recent is not None and recent > sustainable,
+    }
+
+
+def _counts_trust(distrust: dict | None) -> dict:
+    """Whether the upstream's counts can be believed; when not, since when, why, and when
+    they are next chased (checks meanwhile cost one count request each)."""
+    if distrust is None:
+        return {"reliable": True}
+    return {
+        "reliable": False,
+        "since": distrust["since"],
+        "why": distrust["why"],
+        "nextRepair": distrust["retryAt"],
     }
 
 

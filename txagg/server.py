@@ -69,7 +69,7 @@ from .models import (
     parse_time,
 )
 from .report import STALE_AFTER_SECONDS, status_report, to_eur
-from .store import Store
+from .store import DamagedStore, Store, StoreError, check_user_row, explain
 from .sync import Syncer, SyncOptions
 
 PROBLEM_TYPE = "application/problem+json"
@@ -90,6 +90,8 @@ QUERY_SECONDS = 10  # the longest a /payouts page may take before it is a 503
 USERS_ROUTE = "/users/{userId}"
 STATIC_ROUTES = ("/payouts", "/status", "/healthz", "/metrics", "/openapi.json", "/docs")
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The statuses this app answers with; any other is counted in its class ("4xx", "5xx", ...).
+KNOWN_STATUSES = (200, 304, 400, 401, 404, 405, 413, 414, 431, 500, 503)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -177,7 +179,7 @@ def etag_matches(if_none_match: str | bytes | None, etag: str) -> bool:
 
 def open_reader(path: Path, cache_kib: int) -> Store:
     """A read-only connection: the API must never write, whatever a bug might try."""
-    store = Store.open(path, create=False)
+    store = Store.open(path, create=False, read_only=True)
     store.conn.execute(f"PRAGMA cache_size=-{cache_kib}")
     store.conn.execute("PRAGMA query_only=1")
     return store
@@ -307,16 +309,24 @@ class Metrics:
     def __init__(self, read_store: Callable[[], dict], sync_errors: Callable[[], int]):
         self.read_store = read_store
         self.sync_errors = sync_errors
-        self.requests: dict[tuple[str, str, int], list[int]] = {}
+        # (route, method, status) label values -> [count]. Every label is bounded here, when
+        # a request is counted, so no request (unauthenticated or garbage) adds a series.
+        self.requests: dict[tuple[str, str, str], list[int]] = {}
         # route -> [count per bucket (the last is +Inf)..., sum of seconds]
         self.latency: dict[str, list[float]] = {}
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        counter = self.requests.get((route, method, status))
+        """Count one request. ``route`` must come from ``route_of`` (or be USERS_ROUTE)."""
+        if route not in ROUTE_LABELS:
+            route = "unmatched"
+        if method not in KNOWN_METHODS:
+            method = "other"
+        key = (route, method, STATUS_LABELS.get(status) or status_class(status))
+        counter = self.requests.get(key)
         if counter is None:
-            counter = self.requests[(route, method, status)] = [0]
+            counter = self.requests[key] = [0]
         counter[0] += 1
         histogram = self.latency.get(route)
         if histogram is None:
@@ -331,8 +341,7 @@ class Metrics:
             labels=["route", "method", "status"],
         )
         for (route, method, status), counter in list(self.requests.items()):
-            method = method if method in KNOWN_METHODS else "other"  # bounded label values
-            requests.add_metric([route, method, str(status)], counter[0])
+            requests.add_metric([route, method, status], counter[0])
         yield requests
         latency = HistogramMetricFamily(
             "txagg_http_request_duration_seconds",
@@ -354,6 +363,14 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+STATUS_LABELS = {status: str(status) for status in KNOWN_STATUSES}
+
+
+def status_class(status: int) -> str:
+    """The label of a status the app does not answer with: its class, "4xx" say."""
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
 
 
 def store_families(facts: dict) -> Iterator:
@@ -645,6 +662,9 @@ class TimestampText:
         return f"{prefix}{hours:02d}:{minutes:02d}:{secs:02d}.{millis:03d}Z"
 
 
+ROUTE_LABELS = frozenset({*STATIC_ROUTES, USERS_ROUTE, "unmatched"})
+
+
 def route_of(path: str) -> str:
     """The metrics label for a path: the route template, never the raw path (bounded series)."""
     if path in STATIC_ROUTES:
@@ -767,7 +787,10 @@ class ServerApp:
             answer = problem(405, f"{method[:20]} is not allowed here", {"Allow": "GET, HEAD"})
             return await send_answer(send, answer, False)
         snapshot = self.snapshot
-        snapshot.refresh()
+        try:
+            snapshot.refresh()
+        except sqlite3.Error as error:
+            return await send_answer(send, self._store_failed(error), head)
         if if_none_match is not None and etag_matches(if_none_match, snapshot.etag):
             await send(
                 {"type": "http.response.start", "status": 304, "headers": snapshot.headers[:2]}
@@ -776,20 +799,25 @@ class ServerApp:
             return 304
         text = user_id.decode("utf-8", "replace")
         row = None
-        if len(text) <= MAX_USER_ID_LENGTH:  # longer ids cannot exist: skip the lookup
-            row = snapshot.store.conn.execute(USER_SQL, (text,)).fetchone()
-        if row is None:
+        try:
+            if len(text) <= MAX_USER_ID_LENGTH:  # longer ids cannot exist: skip the lookup
+                row = snapshot.store.conn.execute(USER_SQL, (text,)).fetchone()
+            body = None if row is None else self.user_body(row)
+        except (StoreError, sqlite3.Error) as error:
+            return await send_answer(send, self._store_failed(error), head)
+        if body is None:
             body = problem_body(404, f"no such user: {text[:80]}")
             headers = {"Cache-Control": snapshot.headers[1][1].decode()}
             return await send_answer(send, Answer(404, body, headers, PROBLEM_TYPE), head)
-        body = self.user_body(row)
         headers = [*snapshot.headers, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if head else body})
         return 200
 
     def user_body(self, row: tuple) -> bytes:
-        """The exact bytes of ``report --json`` (without its newline), built from the row."""
+        """The exact bytes of ``report --json`` (without its newline), built from the row;
+        DamagedStore when the row holds what ingest never writes."""
+        check_user_row(self.config.db, row)
         user_id, earned, spent, payout, count, last = row
         paid = money(payout) if self.unit_rate else format_decimal(to_eur(payout, self.rate))
         head = (
@@ -895,7 +923,22 @@ class ServerApp:
         return problem(status, detail, error.headers).response()
 
     async def _server_error(self, request: Request, error: Exception) -> Response:
+        if isinstance(error, (StoreError, sqlite3.Error)):
+            return store_problem(error).response()  # _route logs it
         return problem(500, f"{type(error).__name__}: the server failed").response()
+
+    def _store_failed(self, error: StoreError | sqlite3.Error) -> Answer:
+        message = str(error) if isinstance(error, StoreError) else explain(error, self.config.db)
+        print(f"txagg serve: {message}", file=sys.stderr, flush=True)
+        return store_problem(error)
+
+
+def store_problem(error: StoreError | sqlite3.Error) -> Answer:
+    """A store that cannot answer (a damaged row or file): never bad input, so a 500, but in
+    problem+json and saying what is wrong; the log has the store's path and what to do."""
+    if isinstance(error, DamagedStore):
+        return problem(500, error.detail)
+    return problem(500, "the store cannot be read: the server's log says why")
 
 
 USER_SQL = (
@@ -1370,8 +1413,16 @@ def prepare_store(config: ServeConfig) -> None:
     """Following may start from an empty store: create it before any reader opens it."""
     if config.follow:
         Store.open(config.db).close()
-    else:
-        Store.open(config.db, create=False).close()  # NoStore says what to do
+        return
+    # Without follow, serving is reading: never create, migrate or change the store.
+    with Store.open(config.db, create=False, read_only=True) as store:  # NoStore says what to do
+        if store.immutable:
+            print(
+                f"txagg serve: {config.db} is in a read-only folder: serving it as it is now; "
+                "restart to see later changes",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def start_follower(config: ServeConfig) -> Follower | None:

@@ -20,7 +20,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .models import InvalidRecord, Transaction, dumps, parse_created_at, parse_transaction
+from .models import (
+    MAX_INSTANT_MS,
+    MIN_INSTANT_MS,
+    InvalidRecord,
+    Transaction,
+    format_cents,
+    parse_created_at,
+    parse_transaction,
+    raw_text,
+)
 
 MIGRATIONS_TABLE = "txagg_migrations"
 
@@ -43,6 +52,64 @@ class NoStore(StoreError):
 
 class SyncLocked(StoreError):
     """Another sync holds this store."""
+
+
+class DamagedStore(StoreError):
+    """A stored figure no ingest can have written (edited by hand, or by another program).
+
+    ``detail`` says what is wrong without the store's path, for answers to HTTP clients."""
+
+    def __init__(self, path: Path, user_id: object, field: str, value: object):
+        what = f"user {_short(user_id)} has an impossible {field} ({_short(value)})"
+        self.detail = f"{what}: the store is damaged"
+        super().__init__(
+            f"the store {path} is damaged: {what}, which txagg never writes; "
+            "restore a copy or sync into a new --db"
+        )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# Every per-user total stays within these, so nothing derived from them can overflow a signed
+# 64-bit integer (SQLite's, and PostgreSQL's bigint: 2**63 - 1, about 9.2e18). With earned,
+# spent and payout each at most 1e18 cents, balance = earned - spent - payout lies between
+# -2e18 and 1e18, and any SQL sum over one user's rows is at most one of its totals. A
+# transaction that would push a total past its maximum is quarantined instead (Store.ingest).
+MAX_TOTAL_CENTS = 10**18  # each of earned, spent and payout: 10^16 SCR
+MAX_USER_TRANSACTIONS = 10**18  # transactions of one user (and so payout requests)
+_KIND_SLOT = {"earned": 0, "spent": 1, "payout": 2}
+
+
+def check_user_row(path: Path, row: tuple) -> None:
+    """Raise DamagedStore unless ``row`` (user_id, earned, spent, payout, tx_count, last_tx_at)
+    holds what ingest writes: integers within their documented ranges. About a microsecond."""
+    user_id, earned, spent, payout, count, last = row
+    if (
+        type(earned) is int
+        and type(spent) is int
+        and type(payout) is int
+        and type(count) is int
+        and type(last) is int
+        and 0 <= earned <= MAX_TOTAL_CENTS
+        and 0 <= spent <= MAX_TOTAL_CENTS
+        and 0 <= payout <= MAX_TOTAL_CENTS
+        and 0 <= count <= MAX_USER_TRANSACTIONS
+        and MIN_INSTANT_MS <= last <= MAX_INSTANT_MS
+    ):
+        return
+    limits = (
+        ("earned total", MAX_TOTAL_CENTS),
+        ("spent total", MAX_TOTAL_CENTS),
+        ("payout total", MAX_TOTAL_CENTS),
+        ("transaction count", MAX_USER_TRANSACTIONS),
+    )
+    for (field, top), value in zip(limits, row[1:5], strict=True):
+        if type(value) is not int or not 0 <= value <= top:
+            raise DamagedStore(path, user_id, field, value)
+    raise DamagedStore(path, user_id, "last transaction time", last)
 
 
 # Each migration is (version, name, statements). Never edit a released one: add the next.
@@ -102,6 +169,9 @@ CACHE_KIB = 128 * 1024
 # and by a different amount each time. Asking only once a tenth of a token more has refilled
 # absorbs that jitter, so a bucket that mirrors the upstream's never draws a 429.
 TOKEN_MARGIN = 0.1
+# The longest a 429's Retry-After may block the shared budget, whatever it asked for; a block
+# found longer than this in the store (an older binary, a clock that jumped) is cut back too.
+MAX_BLOCK_SECONDS = 300.0
 
 
 @dataclass
@@ -146,6 +216,11 @@ def explain(error: sqlite3.Error, path: Path) -> str:
         return f"the store {path} is damaged ({text}): restore a copy or sync into a new --db"
     if "locked" in text or "busy" in text:
         return f"the store {path} stayed locked by another process: try again later"
+    if "integer overflow" in text:
+        return (
+            f"the store {path} is damaged: it holds amounts too large to add up ({text}), "
+            "which txagg never writes; restore a copy or sync into a new --db"
+        )
     return f"the store {path} failed: {text}"
 
 
@@ -161,10 +236,100 @@ def _record_key(*parts: str) -> str:
 
 
 def _raw_text(record: object) -> str:
+    return raw_text(record)
+
+
+def _deltas(txs: list[Transaction]) -> dict[str, list[int]]:
+    """Per user: [earned, spent, payout, tx_count, payout_count, last_tx_at] of ``txs``."""
+    deltas: dict[str, list[int]] = {}
+    for tx in txs:
+        d = deltas.get(tx.user_id)
+        if d is None:
+            d = deltas[tx.user_id] = [0, 0, 0, 0, 0, tx.created_at]
+        if tx.type == "earned":
+            d[0] += tx.amount
+        elif tx.type == "spent":
+            d[1] += tx.amount
+        else:
+            d[2] += tx.amount
+            d[4] += 1
+        d[3] += 1
+        if tx.created_at > d[5]:
+            d[5] = tx.created_at
+    return deltas
+
+
+def _within_limits(
+    new: list[Transaction], totals: dict[str, tuple[int, int, int, int]]
+) -> tuple[list[Transaction], list[tuple[Transaction, str]]]:
+    """``new`` split into what keeps every total within its maximum and what would not, with
+    why. Taken in (createdAt, id) order, so the same page decides the same in any item order."""
+    running = {user_id: list(t) for user_id, t in totals.items()}
+    accepted: list[Transaction] = []
+    refused: list[tuple[Transaction, str]] = []
+    for tx in sorted(new, key=lambda tx: (tx.created_at, tx.id)):
+        t = running.setdefault(tx.user_id, [0, 0, 0, 0])
+        slot = _KIND_SLOT[tx.type]
+        if t[slot] + tx.amount > MAX_TOTAL_CENTS:
+            refused.append((tx, f"would push the user's {tx.type} total past {_MAX_TOTAL_TEXT}"))
+        elif t[3] + 1 > MAX_USER_TRANSACTIONS:
+            refused.append((tx, f"would push the user's transaction count past {_MAX_COUNT_TEXT}"))
+        else:
+            t[slot] += tx.amount
+            t[3] += 1
+            accepted.append(tx)
+    return accepted, refused
+
+
+_NO_TOTALS = (0, 0, 0, 0)
+_MAX_TOTAL_TEXT = f"the maximum of {format_cents(MAX_TOTAL_CENTS)} SCR"
+_MAX_COUNT_TEXT = f"the maximum of {MAX_USER_TRANSACTIONS}"
+
+
+def _open_error(error: sqlite3.Error, path: Path) -> StoreError:
+    if "not a database" in str(error) or "malformed" in str(error):
+        return NotAStore(f"{path} is not a txagg store (not a SQLite database)")
+    return StoreError(f"cannot open the store {path}: {error}")
+
+
+def _uri(path: Path, query: str) -> str:
+    """An SQLite URI for ``path`` with ``query`` (mode=ro, ...), whatever its characters."""
+    text = os.path.abspath(path)
+    for char, escaped in (("%", "%25"), ("?", "%3f"), ("#", "%23")):
+        text = text.replace(char, escaped)
+    return f"file://{text}?{query}"
+
+
+def _size(path: Path) -> int:
     try:
-        return dumps(record)
-    except (TypeError, ValueError):
-        return repr(record)
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _cannot_make_wal_index(error: sqlite3.Error, path: Path) -> bool:
+    """Whether a read-only opening failed for want of a -shm the store's folder cannot hold."""
+    name = getattr(error, "sqlite_errorname", "")
+    return (name == "SQLITE_CANTOPEN" or name.startswith("SQLITE_READONLY")) and not os.access(
+        path.parent, os.W_OK
+    )
+
+
+def _remove_wal_files(path: Path) -> None:
+    """Have SQLite remove the -wal and -shm files a read-only connection created and, unable to
+    write, left behind. SQLite removes them when the last connection that may write closes, so
+    one opens, reads and closes; if another process still has the store open, they stay (it
+    needs them), and nothing of the store file changes."""
+    if not (os.path.exists(f"{path}-wal") or os.path.exists(f"{path}-shm")):
+        return
+    try:
+        conn = sqlite3.connect(_uri(path, "mode=rw"), uri=True, isolation_level=None, timeout=1)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        pass  # a read-only file, say: the files stay, as SQLite always left them there
 
 
 class Store:
@@ -173,14 +338,23 @@ class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path):
         self.conn = conn
         self.path = path
+        self.read_only = False
+        self.immutable = False  # read as a snapshot that cannot change (see _open_read_only)
+        self._tidy = False  # have SQLite remove the -wal and -shm this opening created
 
     # ------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, create: bool = True) -> Store:
+    def open(
+        cls, path: str | os.PathLike, *, create: bool = True, read_only: bool = False
+    ) -> Store:
+        """The store at ``path``. ``create``: make it (and its folder) when missing or an empty
+        file. ``read_only``: for the read commands, which never create, migrate or write."""
         path = Path(path)
         if not create and not path.exists():
             raise NoStore(f"no store at {path}: run 'txagg sync' first (or pass --db)")
+        if read_only:
+            return cls._open_read_only(path)
         if create:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,27 +369,89 @@ class Store:
         store = cls(conn, path)
         try:
             store._prepare(create)
-        except sqlite3.DatabaseError as error:
+        except sqlite3.Error as error:
             conn.close()
-            if "not a database" in str(error) or "malformed" in str(error):
-                raise NotAStore(f"{path} is not a txagg store (not a SQLite database)") from None
-            raise StoreError(f"cannot open the store {path}: {error}") from None
+            raise _open_error(error, path) from None
         except StoreError:
             conn.close()
             raise
         return store
 
-    def _prepare(self, create: bool) -> None:
+    @classmethod
+    def _open_read_only(cls, path: Path) -> Store:
+        """A connection that cannot write (SQLite's ``mode=ro``), so a read works on a store
+        in a read-only file or folder and never changes one.
+
+        SQLite reads a WAL store through its -shm index, which it creates next to the store
+        when missing. A read-only folder without one (no writer left it there) can still be read
+        as ``immutable`` (straight from the store file), but only when the -wal holds nothing:
+        changes in it could not be seen. -wal and -shm files this opening created are removed
+        again at close when SQLite finds no other connection (see _remove_wal_files)."""
+        if not path.is_file():
+            raise NotAStore(f"{path} is not a file, so not a txagg store")
+        wal = Path(f"{path}-wal")
+        had_wal_files = wal.exists() or os.path.exists(f"{path}-shm")
+        try:
+            store = cls._connect_read_only(path, "mode=ro")
+        except sqlite3.Error as error:
+            if not _cannot_make_wal_index(error, path):
+                raise _open_error(error, path) from None
+            if _size(wal) > 0:
+                raise StoreError(
+                    f"the store {path} cannot be read in its read-only folder: {wal} holds "
+                    f"changes not yet in the store file, and reading them needs a {path}-shm "
+                    "index that cannot be created there; let one 'txagg sync' run with the "
+                    "folder writable (it folds them in), or copy the store with its -wal to a "
+                    "writable folder"
+                ) from None
+            try:
+                store = cls._connect_read_only(path, "immutable=1")
+            except sqlite3.Error as error:
+                raise _open_error(error, path) from None
+            store.immutable = True
+        store._tidy = not had_wal_files and not store.immutable
+        return store
+
+    @classmethod
+    def _connect_read_only(cls, path: Path, mode: str) -> Store:
+        conn = sqlite3.connect(
+            _uri(path, mode), uri=True, isolation_level=None, timeout=30, check_same_thread=False
+        )
+        store = cls(conn, path)
+        store.read_only = True
+        try:
+            store._prepare(create=False, read_only=True)
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def _prepare(self, create: bool, read_only: bool = False) -> None:
+        if read_only:
+            self.conn.execute("PRAGMA query_only=1")  # refuse writes before SQLite tries any
         version = self._schema_version()
         if version > SCHEMA_VERSION:
             raise StoreTooNew(
                 f"the store {self.path} has schema version {version}, written by a newer txagg; "
                 f"this txagg knows up to version {SCHEMA_VERSION}: upgrade txagg"
             )
+        if version == 0 and not create:
+            empty = "an empty file" if _size(self.path) == 0 else "an empty SQLite database"
+            raise NotAStore(
+                f"{self.path} is {empty}, not a txagg store: "
+                "run 'txagg sync' to make one there (or pass --db)"
+            )
         if version < SCHEMA_VERSION:
+            if read_only:
+                raise StoreError(
+                    f"the store {self.path} has schema version {version}, older than this "
+                    f"txagg's {SCHEMA_VERSION}, and read commands never change a store: "
+                    "run 'txagg sync' once to upgrade it"
+                )
             self.conn.execute("PRAGMA journal_mode=WAL")
             self._migrate(version)
-        self.conn.execute("PRAGMA synchronous=NORMAL")
+        if not read_only:
+            self.conn.execute("PRAGMA synchronous=NORMAL")
         # Random ids scatter inserts over the whole primary key: keep its pages in memory.
         self.conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
 
@@ -255,6 +491,9 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+        if self._tidy:
+            self._tidy = False
+            _remove_wal_files(self.path)
 
     def __enter__(self) -> Store:
         return self
@@ -316,7 +555,10 @@ class Store:
         ``state`` may be a function of the result, for a cursor that depends on what was read.
 
         Valid new transactions are inserted and added to their users' totals; known ids are
-        duplicates (or conflicts when the content differs); invalid records go to quarantine.
+        duplicates (or conflicts when the content differs); invalid records go to quarantine,
+        and so does a transaction that would push a total of its user past its maximum
+        (MAX_TOTAL_CENTS, MAX_USER_TRANSACTIONS). Totals never go down, so such a transaction
+        is refused again however often it comes back, and never counted later.
         """
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         valid: dict[str, Transaction] = {}
@@ -351,8 +593,9 @@ class Store:
                 else:
                     result.conflicts += self._record_conflict(conn, tx, record, now_ms)
             if new:
-                result.new_users = self._insert_new(conn, new)
-                result.new = len(new)
+                result.new_users, refused = self._insert_new(conn, new)
+                result.new = len(new) - len(refused)
+                invalid.extend((raw_by_id[tx.id], reason) for tx, reason in refused)
             for record, reason in invalid:
                 result.quarantined += self._quarantine(conn, record, reason, now_ms)
             self._bump(
@@ -382,51 +625,64 @@ class Store:
                 known[row[0]] = Transaction(*row)
         return known
 
-    @staticmethod
-    def _insert_new(conn: sqlite3.Connection, new: list[Transaction]) -> int:
-        conn.executemany(
-            "INSERT INTO transactions (id, user_id, created_at, type, amount) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            [(tx.id, tx.user_id, tx.created_at, tx.type, tx.amount) for tx in new],
-        )
-        deltas: dict[str, list[int]] = {}
-        for tx in new:
-            d = deltas.get(tx.user_id)
-            if d is None:
-                # earned, spent, payout, tx_count, payout_count, last_tx_at
-                d = deltas[tx.user_id] = [0, 0, 0, 0, 0, tx.created_at]
-            if tx.type == "earned":
-                d[0] += tx.amount
-            elif tx.type == "spent":
-                d[1] += tx.amount
-            else:
-                d[2] += tx.amount
-                d[4] += 1
-            d[3] += 1
-            if tx.created_at > d[5]:
-                d[5] = tx.created_at
-        user_ids = list(deltas)
-        existing = 0
+    def _insert_new(
+        self, conn: sqlite3.Connection, new: list[Transaction]
+    ) -> tuple[int, list[tuple[Transaction, str]]]:
+        """Insert ``new`` and add it to the users' totals: (how many users are new, the
+        transactions refused, each with why, because they would push a total past its maximum).
+        """
+        deltas = _deltas(new)
+        totals = self._user_totals_of(conn, list(deltas))
+        refused: list[tuple[Transaction, str]] = []
+        for user_id, d in deltas.items():
+            t = totals.get(user_id, _NO_TOTALS)
+            if (
+                t[0] + d[0] > MAX_TOTAL_CENTS
+                or t[1] + d[1] > MAX_TOTAL_CENTS
+                or t[2] + d[2] > MAX_TOTAL_CENTS
+                or t[3] + d[3] > MAX_USER_TRANSACTIONS
+            ):
+                new, refused = _within_limits(new, totals)
+                deltas = _deltas(new)
+                break
+        if new:
+            conn.executemany(
+                "INSERT INTO transactions (id, user_id, created_at, type, amount) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                [(tx.id, tx.user_id, tx.created_at, tx.type, tx.amount) for tx in new],
+            )
+            conn.executemany(
+                "INSERT INTO users "
+                "(user_id, earned, spent, payout, tx_count, payout_count, last_tx_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET "
+                "earned = users.earned + excluded.earned, "
+                "spent = users.spent + excluded.spent, "
+                "payout = users.payout + excluded.payout, "
+                "tx_count = users.tx_count + excluded.tx_count, "
+                "payout_count = users.payout_count + excluded.payout_count, "
+                "last_tx_at = CASE WHEN excluded.last_tx_at > users.last_tx_at "
+                "THEN excluded.last_tx_at ELSE users.last_tx_at END",
+                [(user_id, *d) for user_id, d in deltas.items()],
+            )
+        return sum(1 for user_id in deltas if user_id not in totals), refused
+
+    def _user_totals_of(
+        self, conn: sqlite3.Connection, user_ids: list[str]
+    ) -> dict[str, tuple[int, int, int, int]]:
+        """(earned, spent, payout, tx_count) of those of ``user_ids`` the store knows,
+        checked: a damaged row fails the ingest rather than be added to."""
+        totals: dict[str, tuple[int, int, int, int]] = {}
         for start in range(0, len(user_ids), 500):
             chunk = user_ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            existing += conn.execute(
-                f"SELECT count(*) FROM users WHERE user_id IN ({marks})", chunk
-            ).fetchone()[0]
-        conn.executemany(
-            "INSERT INTO users "
-            "(user_id, earned, spent, payout, tx_count, payout_count, last_tx_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET "
-            "earned = users.earned + excluded.earned, "
-            "spent = users.spent + excluded.spent, "
-            "payout = users.payout + excluded.payout, "
-            "tx_count = users.tx_count + excluded.tx_count, "
-            "payout_count = users.payout_count + excluded.payout_count, "
-            "last_tx_at = CASE WHEN excluded.last_tx_at > users.last_tx_at "
-            "THEN excluded.last_tx_at ELSE users.last_tx_at END",
-            [(user_id, *d) for user_id, d in deltas.items()],
-        )
-        return len(user_ids) - existing
+            for row in conn.execute(
+                "SELECT user_id, earned, spent, payout, tx_count, last_tx_at FROM users "
+                f"WHERE user_id IN ({marks})",
+                chunk,
+            ):
+                check_user_row(self.path, row)
+                totals[row[0]] = row[1:5]
+        return totals
 
     @staticmethod
     def _quarantine(conn: sqlite3.Connection, record: object, reason: str, now_ms: int) -> int:
@@ -471,6 +727,18 @@ class Store:
         with self.transaction() as conn:
             self._bump(conn, **amounts)
 
+    def place_quarantined(self, raws: list[str], at_ms: int) -> int:
+        """Give quarantined records whose createdAt is unusable a place: ``at_ms``, the start
+        of the small window the upstream served them in, so window counts include them."""
+        with self.transaction() as conn:
+            return sum(
+                conn.execute(
+                    "UPDATE quarantine SET created_at = ? WHERE key = ? AND created_at IS NULL",
+                    (at_ms, _record_key(raw)),
+                ).rowcount
+                for raw in raws
+            )
+
     # ------------------------------------------------------------ sync state
 
     @staticmethod
@@ -500,12 +768,13 @@ class Store:
 
     # ------------------------------------------------------------ the shared rate budget
 
-    def take_token(self, rate: int, per: float, now: float | None = None) -> float:
+    def take_token(self, rate: int, per: float, now: float | None = None) -> tuple[float, bool]:
         """Take one request token from the budget every process on this store shares.
 
-        Returns 0.0 when a token was taken, else how many seconds to wait before asking again.
-        The bucket holds at most ``rate`` tokens and refills at rate/per a second; once drained,
-        a token is handed out only when 1 + TOKEN_MARGIN have refilled.
+        Returns (0.0, False) when a token was taken, else how many seconds to wait before
+        asking again and whether a 429's block is the reason. The bucket holds at most ``rate``
+        tokens and refills at rate/per a second; once drained, a token is handed out only when
+        1 + TOKEN_MARGIN have refilled. A block never reaches further than MAX_BLOCK_SECONDS.
         """
         now = time.time() if now is None else now
         with self.transaction() as conn:
@@ -514,7 +783,9 @@ class Store:
             ).fetchone()
             tokens, updated_at, blocked_until = row if row else (float(rate), now, 0.0)
             tokens = min(float(rate), tokens + max(0.0, now - updated_at) * rate / per)
-            if blocked_until > now:
+            blocked_until = min(blocked_until, now + MAX_BLOCK_SECONDS)
+            blocked = blocked_until > now
+            if blocked:
                 wait = blocked_until - now
             elif tokens >= 1.0 + TOKEN_MARGIN:
                 tokens -= 1.0
@@ -530,10 +801,12 @@ class Store:
             )
             if wait == 0.0:
                 self._bump(conn, requests=1)
-        return wait
+        return wait, blocked
 
-    def block_until(self, until: float) -> None:
-        """The upstream said 429: nobody on this store asks again before ``until``."""
+    def block_until(self, until: float, now: float | None = None) -> None:
+        """The upstream said 429: nobody on this store asks again before ``until`` (at most
+        MAX_BLOCK_SECONDS after ``now``)."""
+        now = time.time() if now is None else now
         with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO rate_budget (name, tokens, updated_at, blocked_until) "
@@ -541,7 +814,7 @@ class Store:
                 "tokens = 0, blocked_until = CASE WHEN excluded.blocked_until > "
                 "rate_budget.blocked_until THEN excluded.blocked_until "
                 "ELSE rate_budget.blocked_until END",
-                (time.time(), until),
+                (now, min(until, now + MAX_BLOCK_SECONDS)),
             )
             self._bump(conn, throttled=1)
 
@@ -552,17 +825,24 @@ class Store:
         ).fetchone()
         tokens, updated_at, blocked_until = row if row else (float(rate), now, 0.0)
         tokens = min(float(rate), tokens + max(0.0, now - updated_at) * rate / per)
-        return {"tokens": tokens, "blockedFor": max(0.0, blocked_until - now)}
+        blocked_for = min(MAX_BLOCK_SECONDS, max(0.0, blocked_until - now))
+        return {"tokens": tokens, "blockedFor": blocked_for}
 
     # ------------------------------------------------------------ queries
 
     def user_totals(self, user_id: str) -> UserTotals | None:
+        """The user's totals; DamagedStore when the row holds what ingest never writes."""
         row = self.conn.execute(
             "SELECT user_id, earned, spent, payout, tx_count, payout_count, last_tx_at "
             "FROM users WHERE user_id = ?",
             (user_id,),
         ).fetchone()
-        return UserTotals(*row) if row else None
+        if row is None:
+            return None
+        check_user_row(self.path, (*row[:5], row[6]))
+        if type(row[5]) is not int or not 0 <= row[5] <= MAX_USER_TRANSACTIONS:
+            raise DamagedStore(self.path, user_id, "payout count", row[5])
+        return UserTotals(*row)
 
     def payouts(
         self,
@@ -572,7 +852,10 @@ class Store:
         after: str | None = None,
         limit: int | None = None,
     ) -> list[tuple[str, int, int]]:
-        """(user_id, amount in cents, count) per user with payouts, ordered by user id."""
+        """(user_id, amount in cents, count) per user with payouts, ordered by user id.
+
+        DamagedStore when a figure is one ingest never writes (each is at most a user's total).
+        """
         params: list[object] = []
         if since is None and until is None:
             sql = "SELECT user_id, payout, payout_count FROM users WHERE payout > 0"
@@ -595,7 +878,18 @@ class Store:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return self.conn.execute(sql, params).fetchall()
+        rows = self.conn.execute(sql, params).fetchall()
+        for user_id, amount, count in rows:
+            if not (
+                type(amount) is int
+                and type(count) is int
+                and 0 <= amount <= MAX_TOTAL_CENTS
+                and 0 <= count <= MAX_USER_TRANSACTIONS
+            ):
+                if type(amount) is int and 0 <= amount <= MAX_TOTAL_CENTS:
+                    raise DamagedStore(self.path, user_id, "payout count", count)
+                raise DamagedStore(self.path, user_id, "payout total", amount)
+        return rows
 
     def count_window(self, start_ms: int, end_ms: int) -> tuple[int, int]:
         """How many records the upstream showed us in [start, end]: (open bounds, closed bounds).

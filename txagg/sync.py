@@ -20,6 +20,8 @@ How a run reads (see docs/design.md for the reasoning):
 from __future__ import annotations
 
 import email.utils
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -30,19 +32,26 @@ import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from . import __version__
+from .bounded_http import ACCEPT_ENCODING, BodyError, BoundedTransport, read_body
 from .models import (
     InvalidRecord,
-    dumps,
     format_instant,
     format_query_time,
     loads,
     parse_created_at,
+    raw_text,
 )
 from .report import CHECK_EVERY, STALE_AFTER_SECONDS
-from .store import IngestResult, Store
+from .store import MAX_BLOCK_SECONDS, TOKEN_MARGIN, IngestResult, Store
+
+log = logging.getLogger("txagg.sync")
 
 PAGE_SIZE = 1000  # the upstream's ceiling per request
 MAX_DISCREPANCIES = 20
+# A 1000-item page is 120-300 KB; a body larger than this once decompressed is refused.
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+MIN_CHECK_EVERY = 10.0  # seconds: how often checks may run when the budget has spare tokens
+MAX_UNRELIABLE_BACKOFF = 3600.0  # seconds: the longest pause in chasing counts that lie
 
 
 class UpstreamError(Exception):
@@ -78,7 +87,8 @@ class SyncOptions:
     max_requests: int | None = None
     date_format: str = "sql"
     page_size: int = PAGE_SIZE
-    timeout: float = 30.0
+    timeout: float = 30.0  # seconds for a whole request: connect, headers and body
+    max_response_bytes: int = MAX_RESPONSE_BYTES
     retry_for: float = 300.0  # give up on an unreachable upstream after this many seconds
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
@@ -124,18 +134,24 @@ class Page:
 
 
 def parse_retry_after(value: str | None, default: float, now: float | None = None) -> float:
-    """Retry-After as seconds or as an HTTP date; ``default`` when absent or unreadable."""
+    """Retry-After as seconds or as an HTTP date; ``default`` when absent or unreadable;
+    never more than MAX_BLOCK_SECONDS, whatever the upstream says."""
+    return min(_retry_after(value, default, now), MAX_BLOCK_SECONDS)
+
+
+def _retry_after(value: str | None, default: float, now: float | None) -> float:
     if not value:
         return default
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
+    value = value.strip()[:64]
+    if value.isascii() and value.isdigit():
+        return float(value) if len(value) < 16 else math.inf
     try:
         moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        stamp = moment.timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):
         return default
     now = time.time() if now is None else now
-    return max(0.0, moment.timestamp() - now)
+    return max(0.0, stamp - now)
 
 
 class Upstream:
@@ -155,11 +171,16 @@ class Upstream:
         self.summary = summary
         self.sleep = sleep
         self.clock = clock
+        self.bounded = BoundedTransport() if transport is None else None
         self.http = httpx.Client(
             base_url=options.api_url.rstrip("/"),
             timeout=options.timeout,
-            headers={"User-Agent": f"txagg/{__version__}", "Accept": "application/json"},
-            transport=transport,
+            headers={
+                "User-Agent": f"txagg/{__version__}",
+                "Accept": "application/json",
+                "Accept-Encoding": ACCEPT_ENCODING,
+            },
+            transport=transport or self.bounded,
         )
         jitter = wait_exponential_jitter(
             multiplier=options.backoff_initial,
@@ -205,15 +226,37 @@ class Upstream:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _take_token(self) -> None:
+        """Wait for a token of the shared budget. Waiting out a 429's block counts against
+        ``retry_for`` and is said on stderr (through logging); the ordinary refill is not."""
         options = self.options
         if options.max_requests is not None and self.summary.requests >= options.max_requests:
             raise RequestLimitReached()
+        blocked_for = 0.0
+        told = False
         while True:
-            wait = self.store.take_token(options.rate_limit, options.per, self.clock())
+            wait, blocked = self.store.take_token(options.rate_limit, options.per, self.clock())
             if wait == 0.0:
                 self.summary.requests += 1
                 return
-            self.sleep(min(wait, 5.0))
+            if blocked:
+                if blocked_for >= options.retry_for:
+                    raise UpstreamError(
+                        f"the upstream's 429 blocked the rate budget for {blocked_for:.0f} s, "
+                        f"longer than --retry-for ({options.retry_for:.0f} s)"
+                    )
+                if not told and wait >= 1.0:
+                    log.warning(
+                        "waiting %.0f s: the upstream answered 429 Too Many Requests "
+                        "(Retry-After is capped at %.0f s)",
+                        wait,
+                        MAX_BLOCK_SECONDS,
+                    )
+                    told = True
+                step = min(wait, 5.0, max(0.01, options.retry_for - blocked_for))
+                blocked_for += step
+            else:
+                step = min(wait, 5.0)
+            self.sleep(step)
 
     def _fetch_once(self, start_ms: int, end_ms: int, page: int, limit: int) -> Page:
         self._take_token()
@@ -223,31 +266,60 @@ class Upstream:
             "page": page,
             "limit": limit,
         }
+        timeout = self.options.timeout
         try:
-            response = self.http.get("/transactions", params=params)
+            with self._deadline(), self.http.stream("GET", "/transactions", params=params) as r:
+                return self._answer(r)
         except httpx.TimeoutException:
-            raise TransientError(f"no answer within {self.options.timeout:.0f} s") from None
+            raise TransientError(f"no complete answer within {timeout:g} s") from None
         except httpx.TransportError as error:
             raise TransientError(f"connection failed: {error}") from None
+
+    def _deadline(self):
+        if self.bounded is None:  # a transport given by the caller (tests): its own bounds
+            return _no_deadline()
+        return self.bounded.deadline(self.options.timeout)
+
+    def _answer(self, response: httpx.Response) -> Page:
         if response.status_code == 429:
             default = self.options.per / self.options.rate_limit
             retry_after = parse_retry_after(response.headers.get("Retry-After"), default)
             self.summary.throttled += 1
-            self.store.block_until(self.clock() + retry_after)
+            self.store.block_until(self.clock() + retry_after, self.clock())
             raise Throttled(retry_after)
         if response.status_code >= 500:
             raise TransientError(f"HTTP {response.status_code}")
         if response.status_code != 200:
+            try:
+                raw = read_body(response, 300, truncate=True).decode("utf-8", "replace")
+                text = "".join(ch if ch.isprintable() else " " for ch in raw)
+            except BodyError:
+                text = ""
             raise UpstreamError(
                 f"the upstream refused {response.request.url}: HTTP {response.status_code} "
-                f"{response.text[:300]}"
+                f"{text}"
             )
-        return _parse_page(response.content)
+        try:
+            content = read_body(response, self.options.max_response_bytes)
+        except BodyError as error:
+            raise TransientError(str(error)) from None
+        return _parse_page(content)
+
+
+class _no_deadline:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
 
 
 def _parse_page(content: bytes) -> Page:
+    """The items and the count of one answer; an unreadable body is a TransientError."""
     try:
         body = loads(content)
+    except RecursionError:
+        raise TransientError("the upstream sent JSON nested too deeply to read") from None
     except ValueError:
         raise TransientError("the upstream sent a body that is not JSON (truncated?)") from None
     if not isinstance(body, dict) or not isinstance(body.get("items"), list):
@@ -274,8 +346,34 @@ class Reconciler:
         self.summary = summary
         self.page_size = page_size
         self.found: list[dict] = []  # the discrepancies recorded by this reconciler
+        self.unreliable: str | None = None  # why the upstream's counts proved wrong, if they did
+        # Asked before each repair step: False defers the rest of a repair to a later check
+        # (sync uses it to keep its reads fresh while a repair waits for tokens).
+        self.may_spend: Callable[[], bool] = lambda: True
+        self.deferred = False
+        self.pending: list[list[int]] = []
 
-    def reconcile(self, low: int, high: int, budget: list[int]) -> dict:
+    def reconcile(
+        self,
+        low: int,
+        high: int,
+        budget: list[int],
+        *,
+        chase: bool = True,
+        pending: list[list[int]] | None = None,
+    ) -> dict:
+        """Count [low, high] upstream and repair a shortfall. With ``chase`` False (counts known
+        to lie) a difference is only reported, never bisected or recorded again.
+
+        A repair stopped by ``may_spend`` leaves its windows still to do in ``self.pending``;
+        passed back as ``pending``, they are taken up where they stood, without counting
+        [low, high] again."""
+        self.unreliable = None
+        self.deferred = False
+        self.pending = []
+        if pending and chase:
+            self.pending = self._repair([list(window) for window in pending], budget)
+            return {"window": [format_instant(low), format_instant(high)], "resumed": True}
         budget[0] -= 1
         total = self.count(low, high)
         open_, closed = self.store.count_window(low, high)
@@ -284,17 +382,29 @@ class Reconciler:
             "upstream": total,
             "stored": closed,
         }
-        if total is None:
-            self.discrepancy(low, high, None, "the upstream gave no count")
+        if total is not None and open_ <= total <= closed:
+            return found
+        if not chase:
+            found["notChased"] = "the upstream's counts have proved unreliable"
+            self.unreliable = "its counts still differ from what it serves"
+        elif total is None:
+            self.discrepancy(low, high, None, "the upstream gave no count", unreliable=True)
         elif total > closed:
-            self._repair(low, high, total, budget)
+            self.pending = self._repair([[low, high, total]], budget)
             found["repairedTo"] = self.store.count_window(low, high)[1]
-        elif total < open_:
-            self.discrepancy(low, high, total, "the upstream counts fewer than the store holds")
+        else:
+            self.discrepancy(
+                low, high, total, "the upstream counts fewer than the store holds", unreliable=True
+            )
         return found
 
     def count(self, start: int, end: int) -> int | None:
-        return self.upstream.fetch(start, end, 1, 1).total
+        """The upstream's count for [start, end]; whatever records the answer carries (an
+        upstream may ignore ``limit``) are stored like any others."""
+        answer = self.upstream.fetch(start, end, 1, 1)
+        if answer.items:
+            self.summary.add_ingest(self.store.ingest(answer.items))
+        return answer.total
 
     def split_point(self, start: int, end: int, total: int) -> int | None:
         """Where to cut [start, end] in two, or None when it is small enough to read whole."""
@@ -311,55 +421,108 @@ class Reconciler:
         out of both halves by an upstream with exclusive bounds: so a second cut is tried one
         second earlier before the counts are called unreliable."""
         for _cut in range(2):
+            if not self.may_spend():
+                self.deferred = True
+                return None
             if budget[0] < 2:
                 self.discrepancy(start, end, total, "repair budget spent")
                 return None
             budget[0] -= 2
             left, right = self.count(start, middle), self.count(middle, end)
             if left is None or right is None:
-                self.discrepancy(start, end, total, "the upstream gave no count")
+                self.discrepancy(start, end, total, "the upstream gave no count", unreliable=True)
+                return None
+            if left + right > total + max(2, total // 50):
+                # Halves that hold more than the whole: no late arrival explains that much.
+                self.discrepancy(
+                    start, end, total, "the upstream's halves count more than the whole",
+                    unreliable=True,
+                )
                 return None
             if left + right + self.store.count_window(middle, middle)[1] >= total:
                 return [(start, middle, left), (middle, end, right)]
             middle = self.store.clear_second(middle - 1000, floor=start, ceiling=end)
             if not start < middle < end:
                 break
-        self.discrepancy(start, end, total, "the upstream's counts do not add up")
+        self.discrepancy(start, end, total, "the upstream's counts do not add up", unreliable=True)
         return None
 
-    def _repair(self, start: int, end: int, total: int, budget: list[int]) -> None:
-        middle = self.split_point(start, end, total)
-        if middle is None:
-            self.reread(start, end, total, budget)
-            return
-        for low, high, half in self.halves(start, middle, end, total, budget) or []:
-            if half > self.store.count_window(low, high)[1]:
-                self._repair(low, high, half, budget)
+    def _repair(self, pending: list[list[int]], budget: list[int]) -> list[list[int]]:
+        """Bisect and re-read the windows ``[start, end, upstream count]`` still short, oldest
+        first; returns those left when ``may_spend`` says stop (none when done or budget out)."""
+        while pending:
+            start, end, total = pending.pop()
+            if total <= self.store.count_window(start, end)[1]:
+                continue
+            if not self.may_spend():
+                self.deferred = True
+                return pending + [[start, end, total]]
+            middle = self.split_point(start, end, total)
+            if middle is None or self._rereading_is_cheaper(start, end, total, budget):
+                if not self.reread(start, end, total, budget):
+                    return pending + [[start, end, total]]
+                continue
+            halves = self.halves(start, middle, end, total, budget)
+            if halves is None:
+                if self.deferred:
+                    return pending + [[start, end, total]]
+                continue
+            for low, high, half in reversed(halves):
+                if half > self.store.count_window(low, high)[1]:
+                    pending.append([low, high, half])
+        return []
 
-    def reread(self, start: int, end: int, total: int, budget: list[int]) -> None:
+    def _rereading_is_cheaper(self, start: int, end: int, total: int, budget: list[int]) -> bool:
+        """Bisecting finds one missing record in about 2 log2(pages) + 1 requests; many missing
+        records in a few pages are found sooner by reading those pages again."""
+        pages = -(-total // self.page_size)
+        if pages > budget[0]:
+            return False
+        missing = total - self.store.count_window(start, end)[1]
+        return pages <= missing * (2 * math.ceil(math.log2(pages)) + 1)
+
+    def reread(self, start: int, end: int, total: int, budget: list[int]) -> bool:
         """Read a small window again; record a discrepancy only for what stays unexplained.
 
         A record whose createdAt is unusable has no place in any window of the store, so the
         store's count alone would always come up short where one stands. Having just been
         served ``total`` distinct records that may belong here (and stored every valid one),
-        nothing in this window can be missing.
+        nothing in this window can be missing. Returns False when ``may_spend`` stopped it.
         """
         self.summary.repairs += 1
         served: set[str] = set()
+        undated: set[str] = set()
         page = 1
         while budget[0] > 0:
+            if not self.may_spend():
+                self.deferred = True
+                return False
             budget[0] -= 1
             result = self.upstream.fetch(start, end, page, self.page_size)
-            served.update(_keys_inside(result.items, start, end))
+            inside, no_date = _keys_inside(result.items, start, end)
+            served.update(inside)
+            undated.update(no_date)
             self.summary.add_ingest(self.store.ingest(result.items))
             self.summary.pages += 1
             if len(result.items) < self.page_size:
                 break
             page += 1
-        if self.store.count_window(start, end)[1] < total and len(served) < total:
-            self.discrepancy(start, end, total, "still short after re-reading")
+        stored = self.store.count_window(start, end)[1]
+        if stored >= total:
+            return True
+        if len(served) < total:
+            self.discrepancy(start, end, total, "still short after re-reading", unreliable=True)
+        elif undated and stored + len(undated) == total:
+            # Explained by records whose createdAt is unusable: from now on they count in this
+            # window, so later checks find it complete instead of bisecting down to it again.
+            self.store.place_quarantined(sorted(undated), start)
+        return True
 
-    def discrepancy(self, start: int, end: int, total: int | None, why: str) -> dict:
+    def discrepancy(
+        self, start: int, end: int, total: int | None, why: str, *, unreliable: bool = False
+    ) -> dict:
+        if unreliable:
+            self.unreliable = why
         self.summary.discrepancies += 1
         found = {
             "window": [format_instant(start), format_instant(end)],
@@ -396,10 +559,11 @@ class Syncer:
         self.on_error = on_error or (lambda message: None)
         self.stop = stop or threading.Event()
         self.clock = clock
-        self.upstream = Upstream(
-            store, options, self.summary, sleep or self._sleep, transport, clock
-        )
+        self.pause = sleep or self._sleep
+        self.upstream = Upstream(store, options, self.summary, self.pause, transport, clock)
+        self.following = False
         self.reconciler = Reconciler(store, self.upstream, self.summary, options.page_size)
+        self.reconciler.may_spend = self._fresh_enough_to_repair
 
     def close(self) -> None:
         self.upstream.close()
@@ -407,6 +571,19 @@ class Syncer:
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):
             raise SyncStopped()
+
+    def _fresh_enough_to_repair(self) -> bool:
+        """Following, a repair never holds back the next read: each of its requests takes a
+        token only when one is left for the next poll, and only while the store is less than
+        half the freshness promise behind. What it leaves, later checks take up (the windows
+        still to repair are saved). A run that is not following has no later read to hold
+        back: it repairs within its request budget."""
+        if not self.following:
+            return True
+        as_of = self.store.state_value("as_of")
+        if as_of is not None and self._now_ms() - as_of >= STALE_AFTER_SECONDS * 500:
+            return False
+        return self._spare_tokens() >= 1
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -458,10 +635,29 @@ class Syncer:
     # ------------------------------------------------------------ late arrivals
 
     def _check_due(self) -> bool:
-        if self.options.check_every is None:
+        """A check is due every ``check_every`` seconds; sooner (down to one token period)
+        while the shared budget is about full, i.e. idle."""
+        options = self.options
+        if options.check_every is None:
             return False
         last = self.store.state_value("last_check_ms")
-        return last is None or self._now_ms() - last >= self.options.check_every * 1000
+        if last is None:
+            return True
+        elapsed = (self._now_ms() - last) / 1000
+        if elapsed >= options.check_every:
+            return True
+        if elapsed < min(options.check_every, options.per / options.rate_limit):
+            return False
+        # Early only with the bucket about full: the check's count, a repair's first steps and
+        # the next poll's token all fit in it.
+        tokens = self._spare_tokens() + 1 + TOKEN_MARGIN
+        return tokens >= max(options.rate_limit - 0.5, 2 + TOKEN_MARGIN)
+
+    def _spare_tokens(self) -> float:
+        """Tokens in the shared budget beyond the one the next poll needs (and its margin)."""
+        options = self.options
+        tokens = self.store.budget(options.rate_limit, options.per, self.clock())["tokens"]
+        return tokens - 1 - TOKEN_MARGIN
 
     def check(self) -> dict:
         """Reconcile what late arrivals may still change: [verified_until or position - overlap,
@@ -479,15 +675,60 @@ class Syncer:
         found: dict = {"at": format_instant(now_ms)}
         if high > low:
             self.summary.checks += 1
+            distrust = self.store.state_value("counts_unreliable")
+            chase = distrust is None or now_ms >= distrust["retryAtMs"]
             budget = [self.options.max_repair_requests]
             before = self.summary.requests
+            pending = self.store.state_value("repair_pending")
             try:
-                found.update(self.reconciler.reconcile(low, high, budget))
+                found.update(
+                    self.reconciler.reconcile(low, high, budget, chase=chase, pending=pending)
+                )
             finally:
                 self.summary.checkRequests += self.summary.requests - before
+            self._judge_counts(distrust, chase, now_ms)
+            if self.reconciler.pending:
+                # Not verified past what is still to repair: the next checks take it up.
+                high = min(high, min(window[0] for window in self.reconciler.pending))
         verified = max(verified, min(high, now_ms - overlap_ms))
-        self.store.put_state(last_check=found, last_check_ms=now_ms, verified_until=verified)
+        self.store.put_state(
+            last_check=found,
+            last_check_ms=now_ms,
+            verified_until=verified,
+            repair_pending=self.reconciler.pending or None,
+        )
         return found
+
+    def _judge_counts(self, distrust: dict | None, chased: bool, now_ms: int) -> None:
+        """Counts that prove wrong are not chased again at every check: until ``retryAt``
+        (doubling each time they prove wrong again, up to MAX_UNRELIABLE_BACKOFF) a check
+        costs one count request; counts that agree again end the distrust."""
+        why = self.reconciler.unreliable
+        if why is None:
+            if distrust is not None:
+                self.store.put_state(counts_unreliable=None)
+                log.warning("the upstream's counts agree with the store again")
+            return
+        if distrust is not None and not chased:
+            return
+        strikes = 1 if distrust is None else distrust["strikes"] + 1
+        backoff = min(MAX_UNRELIABLE_BACKOFF, (self.options.check_every or 120.0) * 2**strikes)
+        retry_at = now_ms + int(backoff * 1000)
+        self.store.put_state(
+            counts_unreliable={
+                "since": distrust["since"] if distrust else format_instant(now_ms),
+                "why": why,
+                "strikes": strikes,
+                "retryAt": format_instant(retry_at),
+                "retryAtMs": retry_at,
+            }
+        )
+        if distrust is None:
+            log.warning(
+                "the upstream's counts are unreliable (%s): checks stop chasing them for %.0f s",
+                why,
+                backoff,
+            )
 
     # ------------------------------------------------------------ forever
 
@@ -500,24 +741,43 @@ class Syncer:
         refills a token.
         """
         rate = ArrivalRate()
+        self.following = True
         while not self.stop.is_set():
             started = self.clock()
             new_before = self.summary.new
+            check = True
             try:
                 self.run(defer_full_pages=True)
                 if self.summary.complete is False and self.options.max_requests is not None:
                     break
+                rate.observe(self.summary.new - new_before, self.clock())
             except UpstreamError as error:
-                self.summary.errors = (self.summary.errors + [str(error)])[-5:]
-                self.on_error(str(error))
+                self._report_error(error)
+                check = False  # the upstream is failing: no extra requests until it answers
             except SyncStopped:
                 break
-            rate.observe(self.summary.new - new_before, self.clock())
-            wait = self._next_poll_in(rate.per_second) - (self.clock() - started)
-            if self.stop.wait(max(0.0, wait)):
+            try:
+                self._wait_for_next_poll(started, rate, check)
+            except UpstreamError as error:
+                self._report_error(error)
+            except (SyncStopped, RequestLimitReached):
                 break
         self._finish_summary()
         return self.summary
+
+    def _report_error(self, error: UpstreamError) -> None:
+        self.summary.errors = (self.summary.errors + [str(error)])[-5:]
+        self.on_error(str(error))
+
+    def _wait_for_next_poll(self, started: float, rate: ArrivalRate, check: bool = True) -> None:
+        """Sleep until the next poll, running a late-arrival check meanwhile whenever one is
+        due (with spare tokens they are due often: every token period at low load)."""
+        poll_at = started + self._next_poll_in(rate.per_second)
+        step = self.options.per / self.options.rate_limit
+        while (left := poll_at - self.clock()) > 0:
+            self.pause(min(left, step))
+            if check and self.clock() < poll_at - 1 and self._check_due():
+                self.check()
 
     def _next_poll_in(self, arrivals_per_second: float | None) -> float:
         token_period = self.options.per / self.options.rate_limit
@@ -542,18 +802,22 @@ class Syncer:
         )
 
 
-def _keys_inside(items: list, start: int, end: int) -> set[str]:
-    """The distinct records of a page that may stand in [start, end]: those dated inside it and
-    those whose date is unusable (valid ones returned from outside the window are left out)."""
-    keys = set()
+def _keys_inside(items: list, start: int, end: int) -> tuple[set[str], set[str]]:
+    """The distinct records of a page that may stand in [start, end] (those dated inside it and
+    those whose date is unusable; ones returned from outside the window are left out), and
+    among them the ones whose date is unusable, as the quarantine keeps their text."""
+    keys, undated = set(), set()
     for item in items:
         try:
             moment = parse_created_at(item.get("createdAt") if isinstance(item, dict) else None)
         except InvalidRecord:
             moment = None
-        if moment is None or start <= moment <= end:
-            keys.add(dumps(item))
-    return keys
+        if moment is None:
+            undated.add(raw_text(item))
+            keys.add(raw_text(item))
+        elif start <= moment <= end:
+            keys.add(raw_text(item))
+    return keys, undated
 
 
 class ArrivalRate:

@@ -29,6 +29,17 @@ from .sync import (
 ONE_SECOND = 1000
 
 
+class NothingSynced(Exception):
+    """The store was never synced: it holds no sync position and no transaction."""
+
+    def __init__(self) -> None:
+        super().__init__("nothing synced yet: run txagg sync first")
+
+
+class ReversedRange(ValueError):
+    """``since`` was given later than ``until``."""
+
+
 @dataclass
 class VerifyReport:
     since: str | None = None
@@ -41,6 +52,7 @@ class VerifyReport:
     discrepancies: list[dict] = field(default_factory=list)
     complete: bool = False
     resumed: bool = False
+    empty: bool = False  # the range held nothing to verify (no request was sent)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -73,25 +85,56 @@ class Verifier:
     def close(self) -> None:
         self.upstream.close()
 
-    def default_range(self) -> tuple[int, int]:
-        """From the oldest stored record to the sync position: what sync claims to have."""
+    def default_range(self) -> tuple[int, int | None]:
+        """From the oldest stored record to the sync position: what sync claims to have.
+
+        The end is None while sync has no position yet (it claims nothing). The start may be
+        after the end: a first sync stopped inside its first window, or records the upstream
+        served from outside the window asked for, leave records newer than the position.
+        Raises NothingSynced for a store with neither a position nor a transaction.
+        """
         oldest = self.store.conn.execute("SELECT min(created_at) FROM transactions").fetchone()[0]
         position = self.store.state_value("position")
+        if position is None and oldest is None:
+            raise NothingSynced()
         low = self.options.since if oldest is None else oldest
-        high = position if position is not None else int(time.time() * 1000)
-        return low // ONE_SECOND * ONE_SECOND, high
+        return low // ONE_SECOND * ONE_SECOND, position
+
+    def bounds(self, since: int | None, until: int | None) -> tuple[int, int | None, bool]:
+        """(start, end, empty): the range to verify, its bounds on clear seconds.
+
+        An empty range (its start after its end, or no end while sync has no position) is
+        nothing to verify: the upstream is never asked for a reversed window, which it would
+        refuse. Raises NothingSynced or ReversedRange (``since`` given after ``until``).
+        """
+        if since is not None and until is not None and since > until:
+            raise ReversedRange(
+                f"since ({format_instant(since)}) is later than until ({format_instant(until)})"
+            )
+        low, high = self.default_range()
+        low = low if since is None else since
+        high = high if until is None else until
+        if high is None or low > high:
+            return low, high, True
+        low = self.store.clear_second(low)
+        high = self.store.clear_second(high, floor=low)
+        return low, high, low > high  # clear_second never crosses the bounds: a safeguard
 
     def run(self, since: int | None = None, until: int | None = None) -> VerifyReport:
-        low, high = self.default_range()
-        low = self.store.clear_second(low if since is None else since)
-        high = self.store.clear_second(high if until is None else until, floor=low)
+        """Verify [since, until] (default: ``default_range``); raises NothingSynced or
+        ReversedRange before any request."""
+        low, high, empty = self.bounds(since, until)
+        self.report.since = format_instant(low)
+        self.report.until = None if high is None else format_instant(high)
+        if empty or high is None:
+            self.report.empty = self.report.complete = True
+            return self.report
         saved = self.store.state_value("verify")
         if saved and saved["range"] == [low, high] and saved["pending"]:
             pending = saved["pending"]
             self.report.resumed = True
         else:
             pending = [[low, high, None]]
-        self.report.since, self.report.until = format_instant(low), format_instant(high)
         try:
             while pending:
                 window = pending.pop()
@@ -139,7 +182,10 @@ class Verifier:
 
 
 def verify(store: Store, options: SyncOptions, since=None, until=None, **kwargs) -> VerifyReport:
-    """Take the store's verify lock and reconcile [since, until] (default: all that is stored)."""
+    """Take the store's verify lock and reconcile [since, until] (default: all that is stored).
+
+    Raises NothingSynced (a store never synced) or ReversedRange (since after until) before
+    any request; an empty range is a complete report with ``empty`` set and no request."""
     with store.lock("verify"):
         verifier = Verifier(store, options, **kwargs)
         try:
