@@ -25,27 +25,9 @@ def machine() -> str:
     )
 
 
-def txagg(*args: str) -> list[str]:
-    return [sys.executable, "-m", "txagg", *args]
-
-
-class MockServer:
-    def __init__(self, *args: str):
-        self.process = subprocess.Popen(
-            txagg("mock-serve", "--port", "0", *args), stdout=subprocess.PIPE, text=True
-        )
-        line = self.process.stdout.readline()
-        if "listening on" not in line:
-            self.process.kill()
-            raise SystemExit(f"mock-serve did not start: {line!r}")
-        self.url = line.rsplit(" ", 1)[1].strip()
-
-    def __enter__(self) -> MockServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from txagg.testing import MockProcess as MockServer  # noqa: E402, F401 (the bench scripts' name)
+from txagg.testing import txagg_command as txagg  # noqa: E402
 
 
 def timed_sync(url: str, db: Path, *options: str) -> tuple[dict, float]:

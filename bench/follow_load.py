@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MockServer, machine, percentile, txagg  # noqa: E402
 
 from txagg.models import loads, parse_time  # noqa: E402
-from txagg.report import differing_users  # noqa: E402
 from txagg.store import Store  # noqa: E402
+from txagg.testing import differing_users  # noqa: E402
 
 # Every fault kind the mock knows, at rates a bad day might bring.
 DEFAULT_FAULTS = (

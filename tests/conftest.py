@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,8 +16,10 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from txagg import testing
 from txagg.models import dumps, format_timestamp, parse_time
 from txagg.store import Store
+from txagg.testing import FakeClock, MockProcess, txagg_command  # noqa: F401 (for tests)
 
 START = 1_700_000_000_000  # a fixed clock anchor (2023-11-14T22:13:20Z) for reproducible data
 
@@ -37,7 +38,7 @@ def store(db_path: Path):
 @pytest.fixture
 def start_mock():
     """Start real mock upstreams (HTTP on loopback, in a thread); all stopped at teardown."""
-    from txagg.mock_server import MockConfig, start_in_thread
+    from txagg.mock import MockConfig, start_in_thread
 
     stops = []
 
@@ -144,10 +145,6 @@ def scripted() -> Callable[[list], ScriptedUpstream]:
     yield from _serving(ScriptedUpstream)
 
 
-def txagg_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "txagg", *args]
-
-
 def run_txagg(
     *args: str, env: dict | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:
@@ -185,30 +182,6 @@ def peek(db: str | Path, read: Callable[[Store], object]) -> object:
         conn.close()
 
 
-class MockProcess:
-    """``txagg mock-serve`` in a real subprocess, on a free port."""
-
-    def __init__(self, *args: str):
-        self.process = subprocess.Popen(
-            txagg_command("mock-serve", "--port", "0", *args),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        line = self.process.stdout.readline()
-        if "listening on" not in line:
-            self.process.kill()
-            raise RuntimeError(f"mock-serve did not start: {line!r} {self.process.stderr.read()}")
-        self.url = line.rsplit(" ", 1)[1].strip()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
 @pytest.fixture
 def mock_process():
     processes = []
@@ -221,17 +194,6 @@ def mock_process():
     yield start
     for process in processes:
         process.stop()
-
-
-class FakeClock:
-    def __init__(self, now: float):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeUpstream:
@@ -286,21 +248,11 @@ def paged_answer(items: list, page_size: int = 1000, total: int | None = None):
 
 
 def sync_options(url: str, **extra):
-    """SyncOptions for a test upstream: no budget to speak of, quick retries, no checks."""
-    from txagg.sync import SyncOptions
-
-    defaults = dict(
-        api_url=url,
-        since=START,
-        settle=0,
-        rate_limit=1000,
-        per=1,
-        backoff_initial=0.01,
-        backoff_max=0.05,
-        retry_for=10,
-        check_every=None,  # no late-arrival check unless a test asks for one
+    """SyncOptions for a scripted upstream: a fresh store starts at START, retries give up after
+    10 s, no late-arrival check unless a test asks for one."""
+    return testing.sync_options(
+        url, **{"since": START, "retry_for": 10, "check_every": None, **extra}
     )
-    return SyncOptions(**{**defaults, **extra})
 
 
 class RawUpstream:

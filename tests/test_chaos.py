@@ -16,38 +16,23 @@ import httpx
 import pytest
 from conftest import peek, run_txagg, txagg_command, wait_for
 
-from txagg.models import loads
-from txagg.report import differing_users as report_differences
+from txagg import testing
 from txagg.report import status_report
 from txagg.store import Store
 from txagg.sync import Syncer, SyncOptions, sync
+from txagg.testing import sync_options
 from txagg.verify import verify
 
 FAST = dict(rate_limit=100_000, per=1)
 
 
 def options(url: str, **extra) -> SyncOptions:
-    defaults = dict(
-        api_url=url,
-        settle=0,
-        overlap=30,
-        check_every=0,
-        timeout=0.5,
-        retry_for=30,
-        backoff_initial=0.01,
-        backoff_max=0.05,
-        max_repair_requests=200,
-        **FAST,
-    )
-    return SyncOptions(**{**defaults, **extra})
-
-
-def truth(url: str) -> list[dict]:
-    return loads(httpx.get(url + "/users", timeout=30).content)["items"]
+    chaos = dict(overlap=30, check_every=0, timeout=0.5, retry_for=30, max_repair_requests=200)
+    return sync_options(url, **{**chaos, **extra})
 
 
 def differing_users(store: Store, url: str) -> list[str]:
-    return report_differences(store, truth(url))
+    return testing.differing_users(store, testing.ground_truth(url))
 
 
 def settle_until_exact(store: Store, url: str, rounds: int = 4) -> None:
@@ -90,7 +75,7 @@ def test_each_fault_leaves_the_totals_exact(kind, start_mock, store):
         assert status["quarantined"] == injected["invalid"]
     if shown == "throttled":
         assert status["rateBudget"]["throttled"] >= 1
-    assert status["transactions"] == sum(user["transactions"] for user in truth(url))
+    assert status["transactions"] == sum(user["transactions"] for user in testing.ground_truth(url))
 
 
 @pytest.mark.parametrize("kind", ["late", "conflict", "outside"])
@@ -160,4 +145,5 @@ def test_chaos_follow_with_kills_ends_exact(mock_process, tmp_path):
         settle_until_exact(store, mock.url)
         status = json.loads(run_txagg("status", "--db", db, "--json").stdout)
         assert status["quarantined"] > 0 and status["conflicts"] > 0
-        assert status["transactions"] == sum(user["transactions"] for user in truth(mock.url))
+        truth = testing.ground_truth(mock.url)
+        assert status["transactions"] == sum(user["transactions"] for user in truth)

@@ -53,6 +53,25 @@ def test_paid_out_uses_the_configured_rate(filled):
     assert result.exit_code == 2 and "not a positive number" in result.output
 
 
+@pytest.mark.parametrize(
+    "rate", ["1e30", "1000001", "0.1234567890123456789012", "NaN", "0", "x" * 999]
+)
+def test_an_absurd_rate_is_a_usage_error(filled, rate):
+    result = invoke("report", "074092", "--db", filled, "--json", "--eur-per-scr", rate)
+    assert result.exit_code == 2 and "--eur-per-scr" in result.output, result.output
+
+
+def test_paid_out_is_exact_at_the_largest_total_and_rate():
+    from txagg.report import MAX_EUR_PER_SCR, to_eur
+    from txagg.store import MAX_TOTAL_CENTS
+
+    assert to_eur(MAX_TOTAL_CENTS, MAX_EUR_PER_SCR) == Decimal(MAX_TOTAL_CENTS) * 10**4
+    # 9999999999999999.99 x 0.12345678901234567891 = 1234567890123456.78786...
+    assert to_eur(MAX_TOTAL_CENTS - 1, Decimal("0.12345678901234567891")) == Decimal(
+        "1234567890123456.79"
+    )
+
+
 def test_unknown_user_exits_3(filled):
     result = invoke("report", "999999", "--db", filled, "--json")
     assert result.exit_code == 3

@@ -29,21 +29,22 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from txagg.mock_server import FAULT_KINDS, Faults, MockConfig, MockUpstream, start_in_thread
-from txagg.models import TYPES, InvalidRecord, format_cents, loads, parse_time, parse_transaction
+from txagg.mock import FAULT_KINDS, Faults, MockConfig, MockUpstream, start_in_thread
+from txagg.models import (
+    TYPES,
+    InvalidRecord,
+    format_cents,
+    format_timestamp,
+    loads,
+    parse_time,
+    parse_transaction,
+)
+from txagg.testing import FakeClock
 
 START = 1_700_000_000_000  # 2023-11-14T22:13:20Z
 DATA = {"seed": 21, "users": 30, "history": 600, "start": START, "rate_limit": 100_000, "per": 1}
 LIMIT = 100  # small pages, so a 600-item history has six of them
 MOCK_DOC = "docs/mock.md"
-
-
-class FakeClock:
-    def __init__(self, seconds: float):
-        self.now = seconds
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -140,9 +141,7 @@ def recomputed(transactions) -> list[dict]:
                 "payout": money(sums["payout"]),
                 "paidOut": money(sums["payout"]),
                 "transactions": len(mine),
-                "lastTransactionAt": max(mine, key=lambda tx: tx.created_at).to_record()[
-                    "createdAt"
-                ],
+                "lastTransactionAt": format_timestamp(max(tx.created_at for tx in mine)),
                 "asOf": None,
             }
         )

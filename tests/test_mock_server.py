@@ -11,7 +11,7 @@ from collections import defaultdict
 import httpx
 import pytest
 
-from txagg.mock_server import (
+from txagg.mock import (
     INVALID_KINDS,
     MAX_LIMIT,
     BucketState,
@@ -30,17 +30,10 @@ from txagg.models import (
     parse_time,
     parse_transaction,
 )
+from txagg.testing import FakeClock
 
 START = 1_700_000_000_000  # 2023-11-14T22:13:20Z
 DATA = {"seed": 11, "users": 40, "history": 2500, "start": START, "rate_limit": 10_000, "per": 1}
-
-
-class FakeClock:
-    def __init__(self, seconds: float):
-        self.now = seconds
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")
@@ -437,7 +430,7 @@ def test_openapi_describes_every_route_and_docs_link_it(mock):
 
 def test_serve_reports_its_url_and_stops_cleanly_on_sigint():
     script = (
-        "from txagg.mock_server import MockConfig, serve\n"
+        "from txagg.mock import MockConfig, serve\n"
         "config = MockConfig(port=0, users=3, history=5)\n"
         "serve(config, on_ready=lambda url: print(url, flush=True))\n"
     )

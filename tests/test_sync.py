@@ -14,13 +14,13 @@ from conftest import START, peek, txagg_command, wait_for
 from txagg.models import loads
 from txagg.report import payouts_report, user_report
 from txagg.store import Store
-from txagg.sync import Syncer, SyncOptions, sync
+from txagg.sync import Syncer, sync
+from txagg.testing import sync_options
 
 UNLIMITED = dict(rate_limit=100_000, per=1)
 
 
-def options(url: str, **extra) -> SyncOptions:
-    return SyncOptions(**{"api_url": url, "settle": 0, **UNLIMITED, **extra})
+options = sync_options
 
 
 def assert_exact(store: Store, url: str) -> None:

@@ -7,7 +7,7 @@ import time
 from decimal import Decimal
 
 import pytest
-from conftest import START, FakeClock, page, paged_answer, record, sync_options
+from conftest import START, FakeClock, page, paged_answer, record, sync_options, wait_for
 
 from txagg.models import parse_time
 from txagg.store import Store
@@ -151,7 +151,7 @@ def test_late_arrivals_inside_the_overlap_are_found_and_repaired(scripted, store
     summary = sync(store, options(server.url, check_every=0, overlap=3600), **timed)
     assert summary.new == 20 and summary.pages == 2  # the main read's page and the re-read's
     assert summary.checks == 1 and summary.repairs == 1
-    assert summary.checkRequests == 2  # one count, one re-read of the (one-page) window
+    assert summary.check_requests == 2  # one count, one re-read of the (one-page) window
     assert summary.requests == 3 and len(server.requests) == 3
     assert store.user_totals("000001").tx_count == 40
     assert store.state_value("last_check")["repairedTo"] == 40
@@ -178,12 +178,10 @@ def test_follow_rides_out_an_upstream_outage_and_resumes_by_itself(scripted, sto
     )
     follower = threading.Thread(target=syncer.follow)
     follower.start()
-    time.sleep(1.0)
-    assert follower.is_alive() and errors  # down: reported, still following
+    wait_for(lambda: len(errors) >= 2)  # down: reported, and still following
+    assert follower.is_alive()
     server.script = [paged([record(n) for n in range(7)])]
-    deadline = time.monotonic() + 10
-    while store.counters().get("transactions", 0) < 7 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: store.counters().get("transactions", 0) >= 7)
     stop.set()
     follower.join(timeout=10)
     syncer.close()

@@ -75,9 +75,9 @@ def test_a_meta_that_lies_forever_costs_little_and_shows_in_status(scripted, sto
     )
     per_check = []
     for _ in range(12):  # 12 checks, two minutes apart
-        before = syncer.summary.checkRequests
+        before = syncer.summary.check_requests
         syncer.run()
-        per_check.append(syncer.summary.checkRequests - before)
+        per_check.append(syncer.summary.check_requests - before)
         clock.sleep(120)
     syncer.close()
     # The first check finds out (a count, then a page that comes back short of the count);

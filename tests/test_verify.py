@@ -13,6 +13,7 @@ from txagg.cli import app
 from txagg.models import format_instant, parse_time
 from txagg.store import Store, SyncLocked
 from txagg.sync import Syncer, SyncOptions, sync
+from txagg.testing import sync_options
 from txagg.verify import NothingSynced, verify
 
 BASE_S = 1_700_000_000
@@ -26,17 +27,8 @@ def make_items(count: int, every_ms: int = 3_700, first: int = 0):
 
 
 def options(**extra) -> SyncOptions:
-    defaults = dict(
-        api_url="http://upstream.test",
-        since=BASE_S * 1000,
-        settle=0,
-        overlap=60,
-        check_every=None,
-        page_size=100,
-        rate_limit=10_000,
-        per=1,
-    )
-    return SyncOptions(**{**defaults, **extra})
+    small = dict(since=BASE_S * 1000, overlap=60, check_every=None, page_size=100)
+    return sync_options("http://upstream.test", **{**small, **extra})
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-EXIT_NO_SUCH_USER = 3
+from .errors import EXIT_FAILURE, EXIT_NO_SUCH_USER
 
 
 def _fast_report(argv: list[str]) -> int | None:
@@ -52,10 +52,10 @@ def _fast_report(argv: list[str]) -> int | None:
         return EXIT_NO_SUCH_USER
     except StoreError as error:
         print(f"Error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     except sqlite3.Error as error:
         print(f"Error: {explain(error, path)}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     sys.stdout.write(dumps(body) + "\n")
     return 0
 
@@ -73,7 +73,7 @@ def main() -> None:
             raise
 
         print(f"Error: internal error: {error!r} (set TXAGG_DEBUG=1 for details)", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_FAILURE)
 
 
 if __name__ == "__main__":

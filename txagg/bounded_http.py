@@ -20,17 +20,11 @@ from contextlib import contextmanager
 import httpcore
 import httpx
 
+from .errors import BodyError, BodyTooLarge
+
 ACCEPT_ENCODING = "gzip, deflate"
 CHUNK = 64 * 1024
 MAX_ENCODINGS = 2  # Content-Encoding: gzip, gzip is legal; a longer chain is refused
-
-
-class BodyError(ValueError):
-    """The body cannot be read within the bounds: too large, or an unknown encoding."""
-
-
-class BodyTooLarge(BodyError):
-    pass
 
 
 class _DeadlineStream(httpcore.NetworkStream):

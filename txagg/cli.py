@@ -6,27 +6,33 @@ Core errors are exceptions; this edge turns them into a message on stderr and an
 
 from __future__ import annotations
 
+import functools
+import inspect
 import signal
 import sqlite3
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from .errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_NO_SUCH_USER, EXIT_USAGE
 from .models import dumps, parse_time
-from .report import DEFAULT_EUR_PER_SCR, UnknownUser, payouts_report, status_report, user_report
+from .report import (
+    DEFAULT_EUR_PER_SCR,
+    UnknownUser,
+    parse_eur_rate,
+    payouts_report,
+    status_report,
+    user_report,
+)
+from .settings import PER_SECONDS, RATE_LIMIT
 from .store import Store, StoreError, SyncLocked, default_db_path, explain
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_NO_SUCH_USER = 3
-EXIT_LOCKED = 75
 
 app = typer.Typer(
     name="txagg",
@@ -70,7 +76,9 @@ ApiUrlOption = Annotated[
 MaxRequestsOption = Annotated[
     Optional[int], typer.Option(min=1, help="Stop after this many upstream requests.")
 ]
-TimeoutOption = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for an answer.")]
+TimeoutOption = Annotated[
+    float, typer.Option(min=0.1, help="Seconds a whole request may take: connect, headers, body.")
+]
 RetryForOption = Annotated[
     float, typer.Option(min=0.0, help="Give up on a failing upstream after this many seconds.")
 ]
@@ -88,6 +96,67 @@ EurOption = Annotated[
     str,
     typer.Option("--eur-per-scr", envvar="TXAGG_EUR_PER_SCR", help="EUR paid out per SCR."),
 ]
+CheckEveryOption = Annotated[
+    float, typer.Option(min=0.0, help="Seconds between late-arrival checks.")
+]
+
+# Option groups, defined once: each is a list of (SyncOptions field, its option). Their defaults
+# are SyncOptions' own; ``sync_options_from`` adds them to a command and builds the SyncOptions.
+UPSTREAM_OPTIONS = [
+    ("rate_limit", RateOption),
+    ("per", PerOption),
+    ("max_requests", MaxRequestsOption),
+    ("date_format", DateFormatOption),
+    ("timeout", TimeoutOption),
+    ("retry_for", RetryForOption),
+]
+FOLLOW_OPTIONS = [
+    ("interval", IntervalOption),
+    ("overlap", OverlapOption),
+    ("settle", SettleOption),
+    ("check_every", CheckEveryOption),
+]
+
+
+def sync_options_from(*groups: list[tuple[str, object]]):
+    """Add the options of ``groups`` to a command, sqlite-utils' ``@output_options`` style: the
+    command gets them back as one ``sync_settings`` dict of SyncOptions fields."""
+
+    def decorate(command):
+        from dataclasses import MISSING, fields
+
+        from .sync import SyncOptions
+
+        defaults = {
+            item.name: item.default for item in fields(SyncOptions) if item.default is not MISSING
+        }
+        names = [name for group in groups for name, _ in group]
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "sync_settings"]
+        added = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=option,
+                default=DateFormat(defaults[name]) if name == "date_format" else defaults[name],
+            )
+            for group in groups
+            for name, option in group
+        ]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            settings = {name: kwargs.pop(name) for name in names}
+            if "date_format" in settings:
+                settings["date_format"] = settings["date_format"].value
+            return command(**kwargs, sync_settings=settings)
+
+        del wrapper.__wrapped__
+        wrapper.__signature__ = signature.replace(parameters=own + added)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
+        return wrapper
+
+    return decorate
 
 
 # ------------------------------------------------------------------ helpers
@@ -135,12 +204,9 @@ def parse_instant(text: str | None, option: str) -> int | None:
 
 def parse_rate(text: str) -> Decimal:
     try:
-        rate = Decimal(text)
-    except InvalidOperation:
-        rate = Decimal(-1)
-    if not rate.is_finite() or rate <= 0:
-        raise typer.BadParameter(f"not a positive number: {text!r}", param_hint="--eur-per-scr")
-    return rate
+        return parse_eur_rate(text)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--eur-per-scr") from None
 
 
 def print_table(title: str, columns: list[str], rows: list[list[object]]) -> None:
@@ -205,8 +271,8 @@ def payouts(
 def status(
     db: DbOption = None,
     json_: JsonOption = False,
-    rate_limit: RateOption = 5,
-    per: PerOption = 60.0,
+    rate_limit: RateOption = RATE_LIMIT,
+    per: PerOption = PER_SECONDS,
 ) -> None:
     """Where sync stands: position, lag, counts, quarantine, conflicts, rate budget."""
     with open_store(db, read_only=True) as store:
@@ -233,6 +299,7 @@ def _cell(value: object) -> object:
 
 
 @app.command()
+@sync_options_from(FOLLOW_OPTIONS, UPSTREAM_OPTIONS)
 def sync(
     api_url: ApiUrlOption = DEFAULT_API_URL,
     db: DbOption = None,
@@ -242,37 +309,14 @@ def sync(
         typer.Option(help="Where a fresh store starts (UTC). Default: the beginning."),
     ] = None,
     follow: Annotated[bool, typer.Option("--follow", help="Keep syncing until stopped.")] = False,
-    interval: IntervalOption = 30.0,
-    rate_limit: RateOption = 5,
-    per: PerOption = 60.0,
-    overlap: OverlapOption = 300.0,
-    settle: SettleOption = 5.0,
-    check_every: Annotated[
-        float, typer.Option(min=0.0, help="Seconds between late-arrival checks.")
-    ] = 120.0,
-    max_requests: MaxRequestsOption = None,
-    date_format: DateFormatOption = DateFormat.sql,
-    timeout: TimeoutOption = 30.0,
-    retry_for: RetryForOption = 300.0,
+    sync_settings: dict | None = None,
 ) -> None:
     """Pull new transactions into the store, once (for cron) or --follow."""
     from .sync import SyncOptions, UpstreamError
     from .sync import sync as run_sync
 
-    options = SyncOptions(
-        api_url=api_url,
-        since=parse_instant(since, "--since") or 0,
-        rate_limit=rate_limit,
-        per=per,
-        overlap=overlap,
-        settle=settle,
-        max_requests=max_requests,
-        date_format=date_format.value,
-        timeout=timeout,
-        retry_for=retry_for,
-        interval=interval,
-        check_every=check_every,
-    )
+    since_ms = parse_instant(since, "--since") or 0
+    options = SyncOptions(api_url=api_url, since=since_ms, **sync_settings)
     stop = stop_on_signals() if follow else threading.Event()
     with open_store(db, create=True) as store, _progress() as on_page:
         try:
@@ -304,6 +348,7 @@ def stop_on_signals() -> threading.Event:
 
 
 @app.command()
+@sync_options_from(UPSTREAM_OPTIONS)
 def verify(
     api_url: ApiUrlOption = DEFAULT_API_URL,
     db: DbOption = None,
@@ -315,12 +360,7 @@ def verify(
     until: Annotated[
         Optional[str], typer.Option(help="End of the range (UTC). Default: the sync position.")
     ] = None,
-    rate_limit: RateOption = 5,
-    per: PerOption = 60.0,
-    max_requests: MaxRequestsOption = None,
-    date_format: DateFormatOption = DateFormat.sql,
-    timeout: TimeoutOption = 30.0,
-    retry_for: RetryForOption = 300.0,
+    sync_settings: dict | None = None,
 ) -> None:
     """Reconcile the stored history with the upstream window by window, and repair it."""
     from .sync import SyncOptions, UpstreamError
@@ -334,15 +374,7 @@ def verify(
             f"the start {since!r} is later than the end {until!r}",
             param_hint="'--since' / '--until'",
         )
-    options = SyncOptions(
-        api_url=api_url,
-        rate_limit=rate_limit,
-        per=per,
-        max_requests=max_requests,
-        date_format=date_format.value,
-        timeout=timeout,
-        retry_for=retry_for,
-    )
+    options = SyncOptions(api_url=api_url, **sync_settings)
     with open_store(db) as store:
         try:
             report = run_verify(store, options, since_ms, until_ms, stop=stop_on_signals())
@@ -396,6 +428,7 @@ class _progress:
 
 
 @app.command()
+@sync_options_from(FOLLOW_OPTIONS, UPSTREAM_OPTIONS)
 def serve(
     db: DbOption = None,
     host: Annotated[
@@ -421,28 +454,15 @@ def serve(
         bool, typer.Option("--follow", help="Keep syncing from --api-url in this process.")
     ] = False,
     api_url: ApiUrlOption = DEFAULT_API_URL,
-    interval: IntervalOption = 30.0,
-    rate_limit: RateOption = 5,
-    per: PerOption = 60.0,
-    overlap: OverlapOption = 300.0,
-    settle: SettleOption = 5.0,
     eur_per_scr: EurOption = str(DEFAULT_EUR_PER_SCR),
+    sync_settings: dict | None = None,
 ) -> None:
     """Serve the HTTP API over the store (--follow: and keep it synced, in one process)."""
     from .server import ServeConfig
     from .server import serve as run_server
     from .sync import SyncOptions
 
-    options = None
-    if follow:
-        options = SyncOptions(
-            api_url=api_url,
-            rate_limit=rate_limit,
-            per=per,
-            overlap=overlap,
-            settle=settle,
-            interval=interval,
-        )
+    options = SyncOptions(api_url=api_url, **sync_settings) if follow else None
     try:
         config = ServeConfig(
             db=db or default_db_path(),
@@ -484,8 +504,8 @@ def mock_serve(
     tx_per_minute: Annotated[
         float, typer.Option(min=0.0, help="New transactions a minute while it runs.")
     ] = 0.0,
-    rate_limit: RateOption = 5,
-    per: PerOption = 60.0,
+    rate_limit: RateOption = RATE_LIMIT,
+    per: PerOption = PER_SECONDS,
     late_ratio: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of new transactions that arrive late.")
     ] = 0.0,
@@ -508,7 +528,7 @@ def mock_serve(
     ] = None,
 ) -> None:
     """Run the rate-limited fake Transaction API, with its ground truth at /users."""
-    from .mock_server import MockConfig, serve
+    from .mock import MockConfig, serve
 
     try:
         config = MockConfig(

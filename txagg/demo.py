@@ -6,12 +6,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
-from .models import loads
-from .report import differing_users, payouts_report, user_report
+from .report import payouts_report, user_report
 from .store import Store
 from .sync import SyncOptions, sync
+from .testing import differing_users, ground_truth
 
 DEMO_USERS = 50
 DEMO_HISTORY = 5000
@@ -20,7 +18,7 @@ DEMO_RATE = (5, 1.0)  # five requests a second: the real limit, sixty times fast
 
 def run_demo(db: Path | None = None) -> dict:
     """Run the whole loop once and return what a newcomer should see."""
-    from .mock_server import MockConfig, start_in_thread
+    from .mock import MockConfig, start_in_thread
 
     rate, per = DEMO_RATE
     config = MockConfig(
@@ -34,7 +32,7 @@ def run_demo(db: Path | None = None) -> dict:
             with Store.open(path) as store:
                 summary = sync(store, SyncOptions(api_url=url, rate_limit=rate, per=per, settle=0))
                 seconds = time.monotonic() - started
-                truth = loads(httpx.get(f"{url}/users", timeout=10).content)["items"]
+                truth = ground_truth(url)
                 mismatches = differing_users(store, truth)
                 richest = max(truth, key=lambda item: item["payout"])["userId"]
                 return {

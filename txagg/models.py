@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from .errors import InvalidRecord  # noqa: F401 (re-exported)
+
 TYPES = ("earned", "spent", "payout")
 FIELDS = ("id", "userId", "createdAt", "type", "amount")
 
@@ -26,15 +28,6 @@ MAX_INT_DIGITS = 18  # longer integer literals stay exact Decimals (no giant int
 MIN_INSTANT_MS = 0  # 1970-01-01
 MAX_INSTANT_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 
-UTC = UTC
-
-
-class InvalidRecord(ValueError):
-    """A record that breaks the transaction schema; ``reason`` says how."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,16 +37,6 @@ class Transaction:
     created_at: int  # ms since epoch, UTC
     type: str
     amount: int  # cents, > 0
-
-    def to_record(self) -> dict:
-        """The upstream's JSON object for this transaction (amount as an exact Decimal)."""
-        return {
-            "id": self.id,
-            "userId": self.user_id,
-            "createdAt": format_timestamp(self.created_at),
-            "type": self.type,
-            "amount": cents_to_decimal(self.amount),
-        }
 
     def to_json(self) -> str:
         """The record as compact JSON text, as the upstream sends it."""

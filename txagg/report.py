@@ -6,21 +6,22 @@ Money leaves here as exact Decimals; ``models.dumps`` writes them as JSON number
 from __future__ import annotations
 
 import time
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation, localcontext
 
+from .errors import UnknownUser  # noqa: F401 (re-exported)
 from .models import cents_to_decimal, format_instant, format_timestamp
+from .settings import (  # noqa: F401 (DEFAULT_EUR_PER_SCR, STALE_AFTER_SECONDS re-exported)
+    CHECK_EVERY,
+    DEFAULT_EUR_PER_SCR,
+    LOAD_WINDOW_MS,
+    MAX_EUR_PER_SCR,
+    MAX_RATE_DIGITS,
+    PAGE_SIZE,
+    STALE_AFTER_SECONDS,
+)
 from .store import Store
 
-DEFAULT_EUR_PER_SCR = Decimal(1)
-STALE_AFTER_SECONDS = 120  # the freshness promise: never more than 2 minutes behind
-CHECK_EVERY = 120.0  # default seconds between late-arrival checks (half a request a minute)
 CENT = Decimal("0.01")
-
-
-class UnknownUser(LookupError):
-    def __init__(self, user_id: str):
-        super().__init__(f"no such user: {user_id}")
-        self.user_id = user_id
 
 
 def as_of_ms(store: Store) -> int | None:
@@ -33,10 +34,30 @@ def _as_of_text(store: Store) -> str | None:
     return None if as_of is None else format_instant(as_of)
 
 
+# Exact for every total (at most 19 digits of cents) times every accepted rate.
+_EXACT = Context(prec=80, Emax=10**6, Emin=-(10**6))
+
+
+def parse_eur_rate(text: str) -> Decimal:
+    """The EUR per SCR rate: a positive decimal up to MAX_EUR_PER_SCR with at most
+    MAX_RATE_DIGITS significant digits; ValueError saying what is wrong otherwise."""
+    try:
+        rate = Decimal(text.strip()) if isinstance(text, str) and len(text) <= 64 else None
+    except InvalidOperation:
+        rate = None
+    if rate is None or not rate.is_finite() or rate <= 0:
+        raise ValueError(f"not a positive number: {text[:64]!r}")
+    if rate > MAX_EUR_PER_SCR or len(rate.as_tuple().digits) > MAX_RATE_DIGITS:
+        raise ValueError(
+            f"{text!r} is out of range: at most {MAX_EUR_PER_SCR} with {MAX_RATE_DIGITS} digits"
+        )
+    return rate
+
+
 def to_eur(payout_cents: int, eur_per_scr: Decimal = DEFAULT_EUR_PER_SCR) -> Decimal:
-    return (
-        (cents_to_decimal(payout_cents) * eur_per_scr).quantize(CENT, ROUND_HALF_EVEN).normalize()
-    )
+    with localcontext(_EXACT):
+        exact = cents_to_decimal(payout_cents) * eur_per_scr
+        return exact.quantize(CENT, ROUND_HALF_EVEN).normalize()
 
 
 def user_report(store: Store, user_id: str, eur_per_scr: Decimal = DEFAULT_EUR_PER_SCR) -> dict:
@@ -55,21 +76,6 @@ def user_report(store: Store, user_id: str, eur_per_scr: Decimal = DEFAULT_EUR_P
         "lastTransactionAt": format_timestamp(totals.last_tx_at),
         "asOf": _as_of_text(store),
     }
-
-
-def differing_users(store: Store, truth: list[dict]) -> list[str]:
-    """The users whose stored report differs from ``truth`` (report-shaped dicts, as the mock's
-    ``/users`` gives them), ``asOf`` aside; a user the store does not know differs too."""
-    wrong = []
-    for expected in truth:
-        try:
-            got = user_report(store, expected["userId"])
-        except UnknownUser:
-            wrong.append(expected["userId"])
-            continue
-        if {**got, "asOf": None} != {**expected, "asOf": None}:
-            wrong.append(expected["userId"])
-    return wrong
 
 
 def payouts_report(
@@ -133,8 +139,6 @@ def status_report(
     }
 
 
-LOAD_WINDOW_MS = 10 * 60 * 1000
-PAGE_SIZE = 1000
 
 
 def _load(store: Store, as_of: int | None, rate: int, per: float) -> dict:

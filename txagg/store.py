@@ -20,6 +20,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import (  # noqa: F401 (re-exported: the store's failures)
+    DamagedStore,
+    NoStore,
+    NotAStore,
+    StoreError,
+    StoreTooNew,
+    SyncLocked,
+)
 from .models import (
     MAX_INSTANT_MS,
     MIN_INSTANT_MS,
@@ -30,56 +38,20 @@ from .models import (
     parse_transaction,
     raw_text,
 )
+from .settings import (  # noqa: F401 (limits re-exported for callers of the store)
+    MAX_BLOCK_SECONDS,
+    MAX_TOTAL_CENTS,
+    MAX_USER_TRANSACTIONS,
+    TOKEN_MARGIN,
+)
 
 MIGRATIONS_TABLE = "txagg_migrations"
 
 
-class StoreError(Exception):
-    """A store that cannot be used; the message says why and what to do."""
-
-
-class StoreTooNew(StoreError):
-    pass
-
-
-class NotAStore(StoreError):
-    pass
-
-
-class NoStore(StoreError):
-    pass
-
-
-class SyncLocked(StoreError):
-    """Another sync holds this store."""
-
-
-class DamagedStore(StoreError):
-    """A stored figure no ingest can have written (edited by hand, or by another program).
-
-    ``detail`` says what is wrong without the store's path, for answers to HTTP clients."""
-
-    def __init__(self, path: Path, user_id: object, field: str, value: object):
-        what = f"user {_short(user_id)} has an impossible {field} ({_short(value)})"
-        self.detail = f"{what}: the store is damaged"
-        super().__init__(
-            f"the store {path} is damaged: {what}, which txagg never writes; "
-            "restore a copy or sync into a new --db"
-        )
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-# Every per-user total stays within these, so nothing derived from them can overflow a signed
-# 64-bit integer (SQLite's, and PostgreSQL's bigint: 2**63 - 1, about 9.2e18). With earned,
-# spent and payout each at most 1e18 cents, balance = earned - spent - payout lies between
-# -2e18 and 1e18, and any SQL sum over one user's rows is at most one of its totals. A
-# transaction that would push a total past its maximum is quarantined instead (Store.ingest).
-MAX_TOTAL_CENTS = 10**18  # each of earned, spent and payout: 10^16 SCR
-MAX_USER_TRANSACTIONS = 10**18  # transactions of one user (and so payout requests)
+# With earned, spent and payout each at most MAX_TOTAL_CENTS (1e18 cents), balance = earned -
+# spent - payout lies between -2e18 and 1e18, and any SQL sum over one user's rows is at most one
+# of its totals: nothing leaves 64 bits. A transaction that would push a total past its maximum
+# is quarantined instead (Store.ingest).
 _KIND_SLOT = {"earned": 0, "spent": 1, "payout": 2}
 
 
@@ -165,30 +137,29 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 CACHE_KIB = 128 * 1024
 
-# We take a token when a request leaves; the upstream counts it when it arrives, a little later
-# and by a different amount each time. Asking only once a tenth of a token more has refilled
-# absorbs that jitter, so a bucket that mirrors the upstream's never draws a 429.
-TOKEN_MARGIN = 0.1
-# The longest a 429's Retry-After may block the shared budget, whatever it asked for; a block
-# found longer than this in the store (an older binary, a clock that jumped) is cut back too.
-MAX_BLOCK_SECONDS = 300.0
-
 
 @dataclass
-class IngestResult:
+class IngestCounts:
+    """What ingest made of the records it was given: one page's, or a whole run's."""
+
     new: int = 0
     duplicates: int = 0
     quarantined: int = 0
     conflicts: int = 0
-    new_users: int = 0
-    max_created_at: int | None = None
 
-    def add(self, other: IngestResult) -> None:
+    def add_ingest(self, other: IngestCounts) -> None:
         self.new += other.new
         self.duplicates += other.duplicates
         self.quarantined += other.quarantined
         self.conflicts += other.conflicts
-        self.new_users += other.new_users
+
+
+@dataclass
+class IngestResult(IngestCounts):
+    """One page's ingest: the counts, the users it added and its latest createdAt."""
+
+    new_users: int = 0
+    max_created_at: int | None = None
 
 
 @dataclass
@@ -723,10 +694,6 @@ class Store:
                 rows,
             )
 
-    def bump(self, **amounts: int) -> None:
-        with self.transaction() as conn:
-            self._bump(conn, **amounts)
-
     def place_quarantined(self, raws: list[str], at_ms: int) -> int:
         """Give quarantined records whose createdAt is unusable a place: ``at_ms``, the start
         of the small window the upstream served them in, so window counts include them."""
@@ -937,5 +904,3 @@ class Store:
                 return moment
         return base
 
-    def user_count(self) -> int:
-        return self.counters().get("users", 0)

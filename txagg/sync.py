@@ -33,6 +33,13 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from . import __version__
 from .bounded_http import ACCEPT_ENCODING, BodyError, BoundedTransport, read_body
+from .errors import (  # noqa: F401 (re-exported: sync's failures)
+    RequestLimitReached,
+    SyncStopped,
+    Throttled,
+    TransientError,
+    UpstreamError,
+)
 from .models import (
     InvalidRecord,
     format_instant,
@@ -41,90 +48,95 @@ from .models import (
     parse_created_at,
     raw_text,
 )
-from .report import CHECK_EVERY, STALE_AFTER_SECONDS
-from .store import MAX_BLOCK_SECONDS, TOKEN_MARGIN, IngestResult, Store
+from .settings import (
+    BACKOFF_INITIAL,
+    BACKOFF_MAX,
+    CHECK_EVERY,
+    INTERVAL_SECONDS,
+    MAX_BLOCK_SECONDS,
+    MAX_DISCREPANCIES,
+    MAX_REPAIR_REQUESTS,
+    MAX_RESPONSE_BYTES,
+    MAX_UNRELIABLE_BACKOFF,
+    OVERLAP_SECONDS,
+    PAGE_SIZE,
+    PER_SECONDS,
+    RATE_LIMIT,
+    REREAD_WAIT_TOKENS,
+    RETRY_FOR_SECONDS,
+    SETTLE_SECONDS,
+    STALE_AFTER_SECONDS,
+    TIMEOUT_SECONDS,
+    TOKEN_MARGIN,
+)
+from .store import IngestCounts, IngestResult, Store
 
 log = logging.getLogger("txagg.sync")
 
-PAGE_SIZE = 1000  # the upstream's ceiling per request
-MAX_DISCREPANCIES = 20
-# A 1000-item page is 120-300 KB; a body larger than this once decompressed is refused.
-MAX_RESPONSE_BYTES = 4 * 1024 * 1024
-MIN_CHECK_EVERY = 10.0  # seconds: how often checks may run when the budget has spare tokens
-MAX_UNRELIABLE_BACKOFF = 3600.0  # seconds: the longest pause in chasing counts that lie
-
-
-class UpstreamError(Exception):
-    """The upstream cannot be read (down past the retry bound, or it rejects our requests)."""
-
-
-class TransientError(Exception):
-    """A failure worth retrying: 5xx, timeout, reset, truncated or non-JSON body."""
-
-
-class Throttled(TransientError):
-    def __init__(self, retry_after: float):
-        super().__init__(f"429 Too Many Requests, retry after {retry_after:.0f} s")
-        self.retry_after = retry_after
-
-
-class SyncStopped(Exception):
-    """A stop was requested (SIGTERM / SIGINT in --follow)."""
-
-
-class RequestLimitReached(Exception):
-    """--max-requests is spent."""
 
 
 @dataclass
 class SyncOptions:
     api_url: str
     since: int = 0  # ms: where a fresh store starts
-    rate_limit: int = 5
-    per: float = 60.0
-    overlap: float = 300.0
-    settle: float = 5.0
+    rate_limit: int = RATE_LIMIT
+    per: float = PER_SECONDS
+    overlap: float = OVERLAP_SECONDS
+    settle: float = SETTLE_SECONDS
     max_requests: int | None = None
     date_format: str = "sql"
     page_size: int = PAGE_SIZE
-    timeout: float = 30.0  # seconds for a whole request: connect, headers and body
+    timeout: float = TIMEOUT_SECONDS  # seconds for a whole request: connect, headers and body
     max_response_bytes: int = MAX_RESPONSE_BYTES
-    retry_for: float = 300.0  # give up on an unreachable upstream after this many seconds
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
-    interval: float = 30.0  # --follow: seconds between polls
+    retry_for: float = RETRY_FOR_SECONDS  # give up on a failing upstream after this long
+    backoff_initial: float = BACKOFF_INITIAL
+    backoff_max: float = BACKOFF_MAX
+    interval: float = INTERVAL_SECONDS  # --follow: seconds between polls
     check_every: float | None = CHECK_EVERY  # seconds between late-arrival checks; None: never
-    max_repair_requests: int = 20  # per check: bounds re-reads when the upstream's meta lies
+    max_repair_requests: int = MAX_REPAIR_REQUESTS  # per check: what a lying meta may cost
 
 
 @dataclass
-class SyncSummary:
+class SyncSummary(IngestCounts):
+    """What a run did; ``as_dict`` is the JSON summary of ``sync --json`` (camelCase keys)."""
+
     requests: int = 0
     pages: int = 0
-    new: int = 0
-    duplicates: int = 0
-    quarantined: int = 0
-    conflicts: int = 0
     throttled: int = 0
     retries: int = 0
     checks: int = 0
-    checkRequests: int = 0  # requests spent on late-arrival checks and their repairs
+    check_requests: int = 0  # requests spent on late-arrival checks and their repairs
     repairs: int = 0
     discrepancies: int = 0
     complete: bool = False
     position: str | None = None
-    asOf: str | None = None
-    lagSeconds: int | None = None
+    as_of: str | None = None
+    lag_seconds: int | None = None
     errors: list[str] = field(default_factory=list)
 
-    def add_ingest(self, result: IngestResult) -> None:
-        self.new += result.new
-        self.duplicates += result.duplicates
-        self.quarantined += result.quarantined
-        self.conflicts += result.conflicts
+    JSON_KEYS = {  # the summary's JSON keys, in their documented order
+        "requests": "requests",
+        "pages": "pages",
+        "new": "new",
+        "duplicates": "duplicates",
+        "quarantined": "quarantined",
+        "conflicts": "conflicts",
+        "throttled": "throttled",
+        "retries": "retries",
+        "checks": "checks",
+        "check_requests": "checkRequests",
+        "repairs": "repairs",
+        "discrepancies": "discrepancies",
+        "complete": "complete",
+        "position": "position",
+        "as_of": "asOf",
+        "lag_seconds": "lagSeconds",
+        "errors": "errors",
+    }
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        return {key: values[name] for name, key in self.JSON_KEYS.items()}
 
 
 @dataclass
@@ -350,6 +362,11 @@ class Reconciler:
         # Asked before each repair step: False defers the rest of a repair to a later check
         # (sync uses it to keep its reads fresh while a repair waits for tokens).
         self.may_spend: Callable[[], bool] = lambda: True
+        # How many requests a repair may send now without waiting: a re-read is started only
+        # when it can finish with at most REREAD_WAIT_TOKENS more (a re-read cut short would be
+        # read again from its first page), and once started it only stops for ``may_go_on``.
+        self.spendable: Callable[[], float] = lambda: math.inf
+        self.may_go_on: Callable[[], bool] = lambda: True
         self.deferred = False
         self.pending: list[list[int]] = []
 
@@ -476,7 +493,7 @@ class Reconciler:
         """Bisecting finds one missing record in about 2 log2(pages) + 1 requests; many missing
         records in a few pages are found sooner by reading those pages again."""
         pages = -(-total // self.page_size)
-        if pages > budget[0]:
+        if pages > budget[0] or pages > self.spendable() + REREAD_WAIT_TOKENS:
             return False
         missing = total - self.store.count_window(start, end)[1]
         return pages <= missing * (2 * math.ceil(math.log2(pages)) + 1)
@@ -494,7 +511,7 @@ class Reconciler:
         undated: set[str] = set()
         page = 1
         while budget[0] > 0:
-            if not self.may_spend():
+            if not (self.may_spend() if page == 1 else self.may_go_on()):
                 self.deferred = True
                 return False
             budget[0] -= 1
@@ -564,6 +581,8 @@ class Syncer:
         self.following = False
         self.reconciler = Reconciler(store, self.upstream, self.summary, options.page_size)
         self.reconciler.may_spend = self._fresh_enough_to_repair
+        self.reconciler.may_go_on = self._fresh_enough
+        self.reconciler.spendable = lambda: self._spare_tokens() if self.following else math.inf
 
     def close(self) -> None:
         self.upstream.close()
@@ -580,10 +599,13 @@ class Syncer:
         back: it repairs within its request budget."""
         if not self.following:
             return True
+        return self._fresh_enough() and self._spare_tokens() >= 1
+
+    def _fresh_enough(self) -> bool:
+        if not self.following:
+            return True
         as_of = self.store.state_value("as_of")
-        if as_of is not None and self._now_ms() - as_of >= STALE_AFTER_SECONDS * 500:
-            return False
-        return self._spare_tokens() >= 1
+        return as_of is None or self._now_ms() - as_of < STALE_AFTER_SECONDS * 500
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -648,6 +670,8 @@ class Syncer:
             return True
         if elapsed < min(options.check_every, options.per / options.rate_limit):
             return False
+        if self.store.state_value("repair_pending"):
+            return self._spare_tokens() >= 1  # a repair under way goes on with any spare token
         # Early only with the bucket about full: the check's count, a repair's first steps and
         # the next poll's token all fit in it.
         tokens = self._spare_tokens() + 1 + TOKEN_MARGIN
@@ -685,7 +709,7 @@ class Syncer:
                     self.reconciler.reconcile(low, high, budget, chase=chase, pending=pending)
                 )
             finally:
-                self.summary.checkRequests += self.summary.requests - before
+                self.summary.check_requests += self.summary.requests - before
             self._judge_counts(distrust, chase, now_ms)
             if self.reconciler.pending:
                 # Not verified past what is still to repair: the next checks take it up.
@@ -789,15 +813,15 @@ class Syncer:
     def _finish_summary(self) -> None:
         _start, _page, position, as_of = self._cursor()
         self.summary.position = format_instant(position)
-        self.summary.asOf = format_instant(as_of)
-        self.summary.lagSeconds = max(0, (self._now_ms() - as_of) // 1000)
+        self.summary.as_of = format_instant(as_of)
+        self.summary.lag_seconds = max(0, (self._now_ms() - as_of) // 1000)
         self.store.put_state(
             last_run={
                 "at": format_instant(self._now_ms()),
                 "requests": self.summary.requests,
                 "newTransactions": self.summary.new,
                 "complete": self.summary.complete,
-                "behind": self.summary.lagSeconds > STALE_AFTER_SECONDS,
+                "behind": self.summary.lag_seconds > STALE_AFTER_SECONDS,
             }
         )
 

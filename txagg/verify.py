@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from .errors import NothingSynced, ReversedRange  # noqa: F401 (re-exported)
 from .models import format_instant
 from .store import Store
 from .sync import (
@@ -27,17 +28,6 @@ from .sync import (
 )
 
 ONE_SECOND = 1000
-
-
-class NothingSynced(Exception):
-    """The store was never synced: it holds no sync position and no transaction."""
-
-    def __init__(self) -> None:
-        super().__init__("nothing synced yet: run txagg sync first")
-
-
-class ReversedRange(ValueError):
-    """``since`` was given later than ``until``."""
 
 
 @dataclass

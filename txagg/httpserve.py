@@ -1,0 +1,148 @@
+"""What txagg's two HTTP servers (``txagg serve`` and ``txagg mock-serve``) share.
+
+Problem details (RFC 9457), answered as ``application/problem+json``:
+
+* ``PROBLEM_TYPE``, ``JSON_TYPE``: the media types.
+* ``BadRequest``: a ValueError whose message says which request parameter is wrong and why;
+  route code raises it and the app's exception handler turns it into a 400 problem.
+* ``problem_body(status, detail, **extra) -> bytes``: the problem document,
+  ``{"type": "about:blank", "title": <reason phrase>, "status": ..., "detail": ..., **extra}``,
+  written by ``models.dumps`` (the same bytes as ``json.dumps`` for str, int, bool and None).
+* ``Answer``: a response as plain data (status, body, headers, media type), so code running in
+  worker threads never touches ASGI objects; ``Answer.response()`` makes the Starlette response.
+* ``problem(status, detail, headers=None, **extra) -> Answer``: a problem answer, with
+  ``Cache-Control: no-store`` unless ``headers`` says otherwise.
+* ``problem_response_doc(description, **headers) -> dict``: the OpenAPI response object of a
+  problem answer (its schema is ``#/components/schemas/Problem``; each keyword is a response
+  header's name and description).
+
+Binding and announcing:
+
+* ``resolve_address(host, port) -> (ip, port)``: the numeric address and a port known to be
+  bindable now (port 0 becomes a free port); an OSError says why it is not.
+* ``base_url(host, port) -> str``: ``http://host:port``, with IPv6 addresses in brackets.
+* ``wait_listening(host, port, timeout=30.0) -> bool``: wait until a TCP connection succeeds.
+* ``announce_when_listening(host, port, url, on_ready)``: call ``on_ready(url)`` from a daemon
+  thread once the port accepts connections (for servers with no "listening" callback).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from time import monotonic
+
+from starlette.responses import Response
+
+from .errors import BadRequest
+from .models import dumps
+
+__all__ = [
+    "JSON_TYPE",
+    "PROBLEM_TYPE",
+    "Answer",
+    "BadRequest",
+    "announce_when_listening",
+    "base_url",
+    "problem",
+    "problem_body",
+    "problem_response_doc",
+    "resolve_address",
+    "wait_listening",
+]
+
+PROBLEM_TYPE = "application/problem+json"
+JSON_TYPE = "application/json"
+
+
+# ---------------------------------------------------------------- answers and problems
+
+
+@dataclass
+class Answer:
+    """A response as plain data, so the thread-pool code never touches ASGI objects."""
+
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    media_type: str | None = JSON_TYPE
+
+    def response(self) -> Response:
+        return Response(self.body, self.status, headers=self.headers, media_type=self.media_type)
+
+
+def problem_body(status: int, detail: str, **extra: object) -> bytes:
+    body = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
+    return dumps(body).encode()
+
+
+def problem(status: int, detail: str, headers: Mapping[str, str] | None = None, **extra) -> Answer:
+    merged = {"Cache-Control": "no-store", **(headers or {})}
+    return Answer(status, problem_body(status, detail, **extra), merged, PROBLEM_TYPE)
+
+
+def problem_response_doc(description: str, **headers: str) -> dict:
+    response = {
+        "description": description,
+        "content": {PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    if headers:
+        response["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}}
+            for name, text in headers.items()
+        }
+    return response
+
+
+# ---------------------------------------------------------------- binding and announcing
+
+
+def resolve_address(host: str, port: int) -> tuple[str, int]:
+    """The numeric address and the port to serve on (granian takes IP addresses only).
+
+    Binding here first gives a clear OSError now rather than inside the server, and resolves
+    port 0 to a free port. The server binds again by address, so another process could take a
+    port chosen here in between: port 0 is for tests and tools."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        return address[0], probe.getsockname()[1]
+
+
+def base_url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def wait_listening(host: str, port: int, timeout: float = 30.0) -> bool:
+    """Until a TCP connection succeeds: granian reports no 'listening' moment of its own."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    deadline = monotonic() + timeout
+    while monotonic() < deadline:
+        try:
+            socket.create_connection((target, port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+def announce_when_listening(
+    host: str, port: int, url: str, on_ready: Callable[[str], None] | None
+) -> None:
+    def wait_then_call() -> None:
+        if wait_listening(host, port) and on_ready is not None:
+            on_ready(url)
+
+    threading.Thread(target=wait_then_call, name="txagg-ready", daemon=True).start()

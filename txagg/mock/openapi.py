@@ -1,0 +1,276 @@
+"""The OpenAPI 3.1 document of the mock's routes (``/openapi.json``, and ``/docs`` from it)."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+from .. import __version__
+from ..httpserve import PROBLEM_TYPE
+from ..models import PAYOUT_ITEM_SCHEMA, PROBLEM_SCHEMA, TRANSACTION_SCHEMA, USER_REPORT_SCHEMA
+from .config import MockConfig
+from .faults import FAULT_KINDS, LATE_LOG_SIZE, Faults
+from .upstream import MAX_LIMIT
+
+
+# Not httpserve.problem_response_doc: the mock's headers are $refs to its components.
+def _problem_response(description: str, extra_headers: tuple[str, ...] = ()) -> dict:
+    response = {
+        "description": description,
+        "content": {PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    if extra_headers:
+        response["headers"] = {
+            name: {"$ref": f"#/components/headers/{name}"} for name in extra_headers
+        }
+    return response
+
+
+RATE_HEADERS = ("RateLimit-Policy", "RateLimit")
+
+
+def _query_parameter(name: str, schema: dict, description: str) -> dict:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _transactions_operation(config: MockConfig) -> dict:
+    date_help = (
+        "UTC instant: 'YYYY-MM-DD HH:MM:SS', 'YYYY-MM-DD' or ISO 8601 "
+        "('2023-02-01T00:00:00Z', '2023-02-01T00:00:00.000Z'). Inclusive, to the millisecond."
+    )
+    rate_headers = {name: {"$ref": f"#/components/headers/{name}"} for name in RATE_HEADERS}
+    faults = config.fault_settings
+    page_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Page"}}}
+    if faults.nonjson:
+        page_content["text/html"] = {"schema": {"type": "string"}}
+    return {
+        "summary": "Transactions with startDate <= createdAt <= endDate, in createdAt order",
+        "description": (
+            f"Rate limited: {config.rate_limit} requests per {config.per:g} seconds (token "
+            "bucket). Broken records may be mixed in; meta counts every record on the pages. "
+            f"Injected faults (--faults): {faults.spec() or 'none'}; counted at GET /faults."
+        ),
+        "operationId": "listTransactions",
+        "parameters": [
+            _query_parameter("startDate", {"type": "string"}, date_help + " Default: no bound."),
+            _query_parameter("endDate", {"type": "string"}, date_help + " Default: now."),
+            _query_parameter(
+                "page", {"type": "integer", "minimum": 1, "default": 1}, "Page number, from 1."
+            ),
+            _query_parameter(
+                "limit",
+                {"type": "integer", "minimum": 1, "default": MAX_LIMIT},
+                f"Items per page; values above {MAX_LIMIT} are capped at {MAX_LIMIT}.",
+            ),
+        ],
+        "responses": {
+            "200": {
+                "description": "One page of the window",
+                "headers": rate_headers,
+                "content": page_content,
+            },
+            "400": _problem_response("A parameter is malformed", RATE_HEADERS),
+            "429": _problem_response(
+                "Over the rate limit: wait Retry-After", (*RATE_HEADERS, "Retry-After")
+            ),
+            **_fault_responses(faults),
+        },
+    }
+
+
+def _fault_responses(faults: Faults) -> dict:
+    """The 5xx answers that --faults error=P adds (only then: without faults there are none)."""
+    if not faults.error:
+        return {}
+    return {
+        str(status): _problem_response(f"Injected fault (--faults error): {status}", RATE_HEADERS)
+        for status in (500, 502, 503)
+    }
+
+
+def _get(summary: str, operation_id: str, schema_ref: str, **extra) -> dict:
+    return {
+        "get": {
+            "summary": summary,
+            "operationId": operation_id,
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": f"#/components/schemas/{schema_ref}"}
+                        }
+                    },
+                },
+                **extra,
+            },
+        }
+    }
+
+
+def _components() -> dict:
+    page_meta = {
+        "type": "object",
+        "required": ["totalItems", "itemCount", "itemsPerPage", "totalPages", "currentPage"],
+        "properties": {
+            name: {"type": "integer", "minimum": 0}
+            for name in ("totalItems", "itemCount", "itemsPerPage", "totalPages", "currentPage")
+        },
+    }
+    payout = PAYOUT_ITEM_SCHEMA
+
+    def listing(item: str) -> dict:
+        return {
+            "type": "object",
+            "required": ["items", "asOf"],
+            "properties": {
+                "items": {"type": "array", "items": {"$ref": f"#/components/schemas/{item}"}},
+                "asOf": {"type": "string", "format": "date-time"},
+            },
+        }
+
+    return {
+        "schemas": {
+            "Transaction": deepcopy(TRANSACTION_SCHEMA),
+            "PageMeta": page_meta,
+            "Page": {
+                "type": "object",
+                "required": ["items", "meta"],
+                "properties": {
+                    "items": {
+                        "type": "array",
+                        "items": {"$ref": "#/components/schemas/Transaction"},
+                    },
+                    "meta": {"$ref": "#/components/schemas/PageMeta"},
+                },
+            },
+            "UserReport": deepcopy(USER_REPORT_SCHEMA),
+            "UserList": listing("UserReport"),
+            "Payout": payout,
+            "PayoutList": listing("Payout"),
+            "Problem": deepcopy(PROBLEM_SCHEMA),
+            "FaultReport": _fault_report_schema(),
+        },
+        "headers": {
+            "RateLimit-Policy": {
+                "description": 'The quota: "default";q=<requests>;w=<window seconds>',
+                "schema": {"type": "string"},
+            },
+            "RateLimit": {
+                "description": 'The budget left: "default";r=<requests>;t=<seconds until full>',
+                "schema": {"type": "string"},
+            },
+            "Retry-After": {
+                "description": (
+                    "When a request is allowed again: whole seconds, or an HTTP-date "
+                    "(--faults throttle alternates the two)"
+                ),
+                "schema": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string"}]},
+            },
+        },
+    }
+
+
+def _fault_report_schema() -> dict:
+    setting = {
+        "type": "object",
+        "required": ["probability"],
+        "properties": {
+            "probability": {"type": "number", "minimum": 0, "maximum": 1},
+            "seconds": {"type": "number", "minimum": 0},
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["spec", "settings", "requests", "injected"],
+        "properties": {
+            "spec": {"type": "string", "description": "--faults, normalised"},
+            "settings": {
+                "type": "object",
+                "properties": {kind: setting for kind in FAULT_KINDS},
+                "required": list(FAULT_KINDS),
+            },
+            "requests": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "/transactions requests past the rate limit and validation",
+            },
+            "injected": {
+                "type": "object",
+                "properties": {kind: {"type": "integer", "minimum": 0} for kind in FAULT_KINDS},
+                "required": list(FAULT_KINDS),
+            },
+            "lateArrivals": {
+                "type": "array",
+                "description": f"the last {LATE_LOG_SIZE} late arrivals: id and when it showed",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "createdAt", "visibleAt"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "createdAt": {"type": "string", "format": "date-time"},
+                        "visibleAt": {"type": "string", "format": "date-time"},
+                    },
+                },
+            },
+        },
+    }
+
+
+def openapi_document(config: MockConfig) -> dict:
+    """The OpenAPI 3.1 description of every route this mock serves."""
+    not_found = _problem_response("No transaction of this user is visible yet")
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "txagg mock Transaction API",
+            "version": __version__,
+            "description": (
+                "A deterministic fake of the upstream Transaction API, with its own ground truth. "
+                "Errors are application/problem+json: 404 for unknown routes, 405 for other "
+                "methods than GET. Started with --faults (txagg mock-serve --faults "
+                "error=0.1,truncate=0.05,slow=0.02:3,...; see docs/mock.md) it injects upstream "
+                "faults into /transactions, deterministically under --seed; GET /faults shows "
+                f"the settings and counts what was injected. Active: "
+                f"{config.fault_settings.spec() or 'none'}."
+            ),
+        },
+        "paths": {
+            "/transactions": {"get": _transactions_operation(config)},
+            "/users": _get("Every user's true aggregates, by userId", "listUsers", "UserList"),
+            "/users/{userId}": {
+                **_get("One user's true aggregates", "getUser", "UserReport", **{"404": not_found}),
+                "parameters": [
+                    {"name": "userId", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+            },
+            "/payouts": _get(
+                "Requested payouts per user (users with none left out)", "listPayouts", "PayoutList"
+            ),
+            "/faults": _get(
+                "The --faults settings and how many of each fault were injected so far",
+                "getFaults",
+                "FaultReport",
+            ),
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "operationId": "openapi",
+                    "responses": {"200": {"description": "OpenAPI 3.1 JSON"}},
+                }
+            },
+            "/docs": {
+                "get": {
+                    "summary": "Human-readable list of the routes",
+                    "operationId": "docs",
+                    "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+                }
+            },
+        },
+        "components": _components(),
+    }

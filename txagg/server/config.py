@@ -1,0 +1,50 @@
+"""``ServeConfig``, what ``txagg serve`` is told, and the limits every part of it keeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from ..report import STALE_AFTER_SECONDS
+from ..sync import SyncOptions
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+MAX_PATH_BYTES = 2048  # no route of ours needs more; longer is a 414
+MAX_QUERY_BYTES = 2048
+MAX_HEADER_BYTES = 8192  # all header names and values together; more is a 431
+MAX_TIME_TEXT = 40  # models.parse_time refuses longer texts
+# Read at call time through the package (``txagg.server.QUERY_SECONDS``), so it can be changed
+# while a server runs.
+QUERY_SECONDS = 10  # the longest a /payouts page may take before it is a 503
+
+
+@dataclass
+class ServeConfig:
+    db: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    max_age: int = 30  # seconds; the effective max-age also shrinks as the data ages
+    workers: int = 1
+    follow: bool = False
+    sync_options: SyncOptions | None = None
+    eur_per_scr: Decimal = Decimal(1)
+
+    def __post_init__(self) -> None:
+        self.db = Path(self.db)
+        checks = [
+            (
+                0 <= self.max_age <= STALE_AFTER_SECONDS,
+                f"max_age must be between 0 and {STALE_AFTER_SECONDS} seconds",
+            ),
+            (self.workers >= 1, "workers must be at least 1"),
+            (0 <= self.port <= 65535, "port must be between 0 and 65535"),
+            (not self.follow or self.sync_options is not None, "follow needs sync_options"),
+            (self.eur_per_scr > 0, "eur_per_scr must be positive"),
+            (self.token is None or self.token.strip() != "", "the token must not be empty"),
+        ]
+        for holds, message in checks:
+            if not holds:
+                raise ValueError(message)

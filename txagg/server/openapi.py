@@ -1,0 +1,342 @@
+"""The OpenAPI 3.1 document of ``txagg serve`` (``/openapi.json``; ``/docs`` renders it)."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+from .. import __version__
+from .. import server as package  # QUERY_SECONDS is read from there at call time
+from ..httpserve import JSON_TYPE
+from ..httpserve import problem_response_doc as _problem_response
+from ..models import MAX_USER_ID_LENGTH, PAYOUT_ITEM_SCHEMA, PROBLEM_SCHEMA, USER_REPORT_SCHEMA
+from ..report import STALE_AFTER_SECONDS
+from .config import (
+    DEFAULT_LIMIT,
+    MAX_HEADER_BYTES,
+    MAX_LIMIT,
+    MAX_PATH_BYTES,
+    MAX_TIME_TEXT,
+    ServeConfig,
+)
+
+
+def _json_response(description: str, schema: str, cached: bool) -> dict:
+    response: dict = {
+        "description": description,
+        "content": {JSON_TYPE: {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+    if cached:
+        response["headers"] = {
+            "ETag": {"$ref": "#/components/headers/ETag"},
+            "Cache-Control": {"$ref": "#/components/headers/Cache-Control"},
+        }
+    return response
+
+
+def _parameter(name: str, where: str, schema: dict, description: str, required=False) -> dict:
+    return {
+        "name": name,
+        "in": where,
+        "required": required,
+        "schema": schema,
+        "description": description,
+    }
+
+
+IF_NONE_MATCH = _parameter(
+    "If-None-Match",
+    "header",
+    {"type": "string"},
+    "An ETag from an earlier answer: 304 Not Modified while the data has not changed.",
+)
+TIME_HELP = (
+    "UTC unless it says otherwise: 'YYYY-MM-DD HH:MM:SS', 'YYYY-MM-DD' or ISO 8601 "
+    "('2023-03-01T00:00:00Z'). At most 40 characters."
+)
+
+
+def _common_errors(config: ServeConfig, *, public: bool = False) -> dict:
+    errors = {
+        "413": _problem_response("The request has a body: this API takes none"),
+        "414": _problem_response(f"Path or query longer than {MAX_PATH_BYTES} bytes"),
+        "431": _problem_response(f"Headers larger than {MAX_HEADER_BYTES} bytes"),
+    }
+    if config.token is not None and not public:
+        errors["401"] = _problem_response(
+            "No or a wrong bearer token", **{"WWW-Authenticate": "Bearer"}
+        )
+    return errors
+
+
+def _not_modified() -> dict:
+    return {
+        "description": "Not Modified: the If-None-Match ETag is still current",
+        "headers": {
+            "ETag": {"$ref": "#/components/headers/ETag"},
+            "Cache-Control": {"$ref": "#/components/headers/Cache-Control"},
+        },
+    }
+
+
+def _users_operation(config: ServeConfig) -> dict:
+    return {
+        "get": {
+            "summary": "One user's balance, earned, spent, payout and paidOut",
+            "description": "The body of `txagg report USER --json`, byte for byte.",
+            "operationId": "getUser",
+            "parameters": [IF_NONE_MATCH],
+            "responses": {
+                "200": _json_response("The user's aggregates", "UserReport", cached=True),
+                "304": _not_modified(),
+                "404": {
+                    **_problem_response("No transaction of this user is stored"),
+                    "headers": {"Cache-Control": {"$ref": "#/components/headers/Cache-Control"}},
+                },
+                **_common_errors(config),
+            },
+        },
+        "parameters": [
+            _parameter("userId", "path", {"type": "string", "minLength": 1}, "", required=True)
+        ],
+    }
+
+
+def _payouts_operation(config: ServeConfig) -> dict:
+    return {
+        "get": {
+            "summary": "Requested payouts, one row per user, in userId order",
+            "description": (
+                "The body of `txagg payouts --json` plus `next`, a page at a time (keyset "
+                "pagination on userId: no row is lost or repeated while the data changes)."
+            ),
+            "operationId": "listPayouts",
+            "parameters": [
+                _parameter(
+                    "limit",
+                    "query",
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_LIMIT,
+                        "default": DEFAULT_LIMIT,
+                    },
+                    "Rows per page.",
+                ),
+                _parameter(
+                    "after",
+                    "query",
+                    {"type": "string", "maxLength": MAX_USER_ID_LENGTH},
+                    "Only users whose userId sorts after this one (the `next` link sets it).",
+                ),
+                _parameter(
+                    "since",
+                    "query",
+                    {"type": "string", "maxLength": MAX_TIME_TEXT},
+                    "Only payouts requested at or after this time. " + TIME_HELP,
+                ),
+                _parameter(
+                    "until",
+                    "query",
+                    {"type": "string", "maxLength": MAX_TIME_TEXT},
+                    "Only payouts requested before this time. " + TIME_HELP,
+                ),
+                IF_NONE_MATCH,
+            ],
+            "responses": {
+                "200": _json_response("One page of payouts", "PayoutPage", cached=True),
+                "304": _not_modified(),
+                "400": _problem_response("A parameter is malformed or out of range"),
+                "503": _problem_response(
+                    f"The since/until period took more than {package.QUERY_SECONDS} s to add up"
+                ),
+                **_common_errors(config),
+            },
+        }
+    }
+
+
+def _simple_operation(config: ServeConfig, summary: str, operation_id: str, ok: dict) -> dict:
+    return {
+        "get": {
+            "summary": summary,
+            "operationId": operation_id,
+            "responses": {"200": ok, **_common_errors(config)},
+        }
+    }
+
+
+def _healthz_operation(config: ServeConfig) -> dict:
+    return {
+        "get": {
+            "summary": "Liveness, and with ready=true readiness",
+            "description": (
+                "Always answers 200 while the process serves (liveness); the body says whether "
+                "it is ready. With `ready=true` it answers 503 when it is not: only while "
+                f"following, when the data is more than {STALE_AFTER_SECONDS} s behind or the "
+                "sync loop has stopped. Needs no token."
+            ),
+            "operationId": "health",
+            "parameters": [
+                _parameter("ready", "query", {"type": "boolean"}, "Answer 503 when not ready.")
+            ],
+            "responses": {
+                "200": _json_response("Alive", "Health", cached=False),
+                "400": _problem_response("ready is not a boolean"),
+                "503": _problem_response("Not ready (only with ready=true)"),
+                **_common_errors(config, public=True),
+            },
+        }
+    }
+
+
+def _components(config: ServeConfig) -> dict:
+    payout = PAYOUT_ITEM_SCHEMA
+    nullable_time = {"type": ["string", "null"], "format": "date-time"}
+    components: dict = {
+        "schemas": {
+            "UserReport": deepcopy(USER_REPORT_SCHEMA),
+            "Payout": payout,
+            "PayoutPage": {
+                "type": "object",
+                "required": ["items", "asOf", "next"],
+                "properties": {
+                    "items": {"type": "array", "items": {"$ref": "#/components/schemas/Payout"}},
+                    "asOf": nullable_time,
+                    "next": {
+                        "type": ["string", "null"],
+                        "description": "The next page's URL (relative), null on the last page",
+                    },
+                },
+            },
+            "Status": _status_schema(nullable_time),
+            "Health": {
+                "type": "object",
+                "required": ["status", "ready", "following", "lagSeconds", "asOf"],
+                "properties": {
+                    "status": {"const": "ok"},
+                    "ready": {"type": "boolean"},
+                    "following": {"type": "boolean"},
+                    "lagSeconds": {"type": ["integer", "null"], "minimum": 0},
+                    "asOf": nullable_time,
+                    "detail": {"type": "string", "description": "why it is not ready"},
+                },
+            },
+            "Problem": deepcopy(PROBLEM_SCHEMA),
+        },
+        "headers": {
+            "ETag": {
+                "description": "Weak validator from the data version (transactions and asOf)",
+                "schema": {"type": "string"},
+            },
+            "Cache-Control": {
+                "description": (
+                    f"max-age at most {config.max_age} s and never past the "
+                    f"{STALE_AFTER_SECONDS} s freshness promise"
+                ),
+                "schema": {"type": "string"},
+            },
+        },
+    }
+    if config.token is not None:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return components
+
+
+def _status_schema(nullable_time: dict) -> dict:
+    count = {"type": "integer", "minimum": 0}
+    return {
+        "type": "object",
+        "required": [
+            "store",
+            "position",
+            "asOf",
+            "lagSeconds",
+            "behind",
+            "transactions",
+            "users",
+            "quarantined",
+            "conflicts",
+            "rateBudget",
+            "follow",
+        ],
+        "properties": {
+            "store": {"type": "string"},
+            "position": nullable_time,
+            "asOf": nullable_time,
+            "lagSeconds": {"type": ["integer", "null"], "minimum": 0},
+            "behind": {"type": "boolean"},
+            "window": {"type": "object"},
+            "transactions": count,
+            "users": count,
+            "quarantined": count,
+            "conflicts": count,
+            "verifiedUntil": nullable_time,
+            "load": {"type": "object"},
+            "discrepancies": {"type": "array"},
+            "lastCheck": {"type": ["object", "null"]},
+            "lastRun": {"type": "object"},
+            "rateBudget": {"type": "object"},
+            "follow": {
+                "type": "object",
+                "required": ["enabled"],
+                "properties": {
+                    "enabled": {"type": "boolean"},
+                    "running": {"type": ["boolean", "null"]},
+                    "errors": {"type": ["integer", "null"]},
+                    "lastError": {"type": ["string", "null"]},
+                },
+            },
+        },
+    }
+
+
+def openapi_document(config: ServeConfig) -> dict:
+    """The OpenAPI 3.1 description of every route this server answers, as configured."""
+    auth = "every route but /healthz needs a bearer token. " if config.token else ""
+    document: dict = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "txagg HTTP API",
+            "version": __version__,
+            "description": (
+                "Per-user aggregates and requested payouts from the local txagg store. "
+                + auth
+                + "Errors are application/problem+json: 404 for unknown routes, 405 for methods "
+                "other than GET and HEAD."
+            ),
+        },
+        "paths": {
+            "/users/{userId}": _users_operation(config),
+            "/payouts": _payouts_operation(config),
+            "/status": _simple_operation(
+                config,
+                "Where sync stands: position, lag, counts, quarantine, rate budget",
+                "status",
+                _json_response("The status", "Status", cached=False),
+            ),
+            "/healthz": _healthz_operation(config),
+            "/metrics": _simple_operation(
+                config,
+                "Prometheus metrics (text format 0.0.4)",
+                "metrics",
+                {"description": "Metrics", "content": {"text/plain": {}}},
+            ),
+            "/openapi.json": _simple_operation(
+                config,
+                "This document",
+                "openapi",
+                {"description": "OpenAPI 3.1 JSON", "content": {JSON_TYPE: {}}},
+            ),
+            "/docs": _simple_operation(
+                config,
+                "Human-readable list of the routes",
+                "docs",
+                {"description": "HTML", "content": {"text/html": {}}},
+            ),
+        },
+        "components": _components(config),
+    }
+    if config.token is not None:
+        document["security"] = [{"bearer": []}]
+        document["paths"]["/healthz"]["get"]["security"] = []
+    return document

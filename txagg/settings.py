@@ -1,0 +1,59 @@
+"""Every default and limit of txagg, in one place: sync, verify, report, the store and the
+command line all read them here (the CLI's option defaults come from ``SyncOptions``, whose
+defaults come from here). The transaction schema's own limits (field lengths, the largest
+amount, nesting) live with the schema in ``models``.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+# ---------------------------------------------------------------- the contract
+
+PAGE_SIZE = 1000  # the upstream's ceiling per request
+RATE_LIMIT = 5  # requests ...
+PER_SECONDS = 60.0  # ... per this many seconds: the upstream's budget
+STALE_AFTER_SECONDS = 120  # the freshness promise: never more than 2 minutes behind
+DEFAULT_EUR_PER_SCR = Decimal(1)
+
+# ---------------------------------------------------------------- sync
+
+OVERLAP_SECONDS = 300.0  # how far behind its position late arrivals are still caught
+SETTLE_SECONDS = 5.0  # a run reads up to now minus this
+INTERVAL_SECONDS = 30.0  # --follow: the longest pause between polls
+CHECK_EVERY = 120.0  # seconds between late-arrival checks (sooner while the budget is idle)
+TIMEOUT_SECONDS = 30.0  # a whole request: connect, headers and body
+RETRY_FOR_SECONDS = 300.0  # give up on a failing upstream after this long
+BACKOFF_INITIAL = 1.0
+BACKOFF_MAX = 60.0
+MAX_REPAIR_REQUESTS = 20  # per check: bounds what a lying upstream can cost
+MAX_DISCREPANCIES = 20  # the newest ones kept for status
+MAX_UNRELIABLE_BACKOFF = 3600.0  # seconds: the longest pause in chasing counts that lie
+REREAD_WAIT_TOKENS = 2  # a repair's re-read may wait for this many tokens beyond spare ones
+
+# ---------------------------------------------------------------- what an answer may be
+
+# A 1000-item page is 120-300 KB; a body larger than this once decompressed is refused.
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+# The longest a 429's Retry-After may block the shared budget, whatever it asked for.
+MAX_BLOCK_SECONDS = 300.0
+
+# ---------------------------------------------------------------- the shared budget
+
+# We take a token when a request leaves; the upstream counts it when it arrives, a little later
+# and by a different amount each time. Asking only once a tenth of a token more has refilled
+# absorbs that jitter, so a bucket that mirrors the upstream's never draws a 429.
+TOKEN_MARGIN = 0.1
+
+# ---------------------------------------------------------------- totals
+
+# Every per-user total stays within these, so nothing derived from them can overflow a signed
+# 64-bit integer (SQLite's, and PostgreSQL's bigint: 2**63 - 1, about 9.2e18).
+MAX_TOTAL_CENTS = 10**18  # each of earned, spent and payout: 10^16 SCR
+MAX_USER_TRANSACTIONS = 10**18  # transactions of one user (and so payout requests)
+MAX_EUR_PER_SCR = Decimal(10**6)  # the largest --eur-per-scr
+MAX_RATE_DIGITS = 20  # significant digits of --eur-per-scr
+
+# ---------------------------------------------------------------- status
+
+LOAD_WINDOW_MS = 10 * 60 * 1000  # status measures the upstream's load over this
