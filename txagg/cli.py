@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_NO_SUCH_USER, EXIT_USAGE
+from .errors import EXIT_FAILURE, EXIT_NO_SUCH_USER, exit_code
 from .models import dumps, parse_time
 from .report import (
     DEFAULT_EUR_PER_SCR,
@@ -209,6 +209,21 @@ def parse_rate(text: str) -> Decimal:
         raise typer.BadParameter(str(error), param_hint="--eur-per-scr") from None
 
 
+def run_listening(name: str, run, config) -> None:
+    """Run an HTTP server until stopped; say where it listens once it does (on stdout: what
+    scripts wait for), and turn what stops it into a clear failure."""
+
+    def on_ready(url: str) -> None:
+        print(f"txagg {name} listening on {url}", flush=True)
+
+    try:
+        run(config, on_ready=on_ready)
+    except StoreError as error:
+        raise fail(str(error)) from None
+    except OSError as error:
+        raise fail(f"cannot listen on {config.host}:{config.port}: {error}") from None
+
+
 def print_table(title: str, columns: list[str], rows: list[list[object]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -328,10 +343,8 @@ def sync(
                 on_page=on_page,
                 on_error=lambda message: print(f"Warning: {message}", file=sys.stderr),
             )
-        except SyncLocked as error:
-            raise fail(str(error), EXIT_LOCKED) from None
-        except UpstreamError as error:
-            raise fail(str(error)) from None
+        except (SyncLocked, UpstreamError) as error:
+            raise fail(str(error), exit_code(error)) from None
     if wants_json(json_):
         print_json(summary.as_dict())
     else:
@@ -378,12 +391,8 @@ def verify(
     with open_store(db) as store:
         try:
             report = run_verify(store, options, since_ms, until_ms, stop=stop_on_signals())
-        except SyncLocked as error:
-            raise fail(str(error), EXIT_LOCKED) from None
-        except (UpstreamError, NothingSynced) as error:
-            raise fail(str(error)) from None
-        except ReversedRange as error:  # checked above; kept for callers of the core
-            raise fail(str(error), EXIT_USAGE) from None
+        except (SyncLocked, UpstreamError, NothingSynced, ReversedRange) as error:
+            raise fail(str(error), exit_code(error)) from None
     body = report.as_dict()
     if wants_json(json_):
         print_json(body)
@@ -478,15 +487,7 @@ def serve(
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
 
-    def on_ready(url: str) -> None:
-        print(f"txagg serve listening on {url}", flush=True)
-
-    try:
-        run_server(config, on_ready=on_ready)
-    except StoreError as error:
-        raise fail(str(error)) from None
-    except OSError as error:
-        raise fail(f"cannot listen on {host}:{port}: {error}") from None
+    run_listening("serve", run_server, config)
 
 
 @app.command("mock-serve")
@@ -551,13 +552,7 @@ def mock_serve(
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
 
-    def on_ready(url: str) -> None:
-        print(f"txagg mock-serve listening on {url}", flush=True)
-
-    try:
-        serve(config, on_ready=on_ready)
-    except OSError as error:
-        raise fail(f"cannot listen on {host}:{port}: {error}") from None
+    run_listening("mock-serve", serve, config)
 
 
 @app.command()

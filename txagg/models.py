@@ -1,8 +1,9 @@
-"""The transaction schema, money and time: shared by the mock, the client and the docs.
+"""The transaction schema, money and time: shared by the mock, the client and the servers.
 
 Money is integer cents everywhere inside txagg. Amounts arrive as JSON numbers in SCR and
 leave as JSON numbers in SCR, always the exact decimal value (``57.6``, never float noise).
-Instants are integer milliseconds since the Unix epoch, UTC.
+Instants are integer milliseconds since the Unix epoch, UTC. The JSON shapes (a transaction
+record, a report...) are declared in ``shapes``, which this module never imports (pydantic).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ MAX_RAW_CHARS = 16 * 1024  # what the quarantine keeps of one record's text
 MAX_INT_DIGITS = 18  # longer integer literals stay exact Decimals (no giant ints, no int() limit)
 MIN_INSTANT_MS = 0  # 1970-01-01
 MAX_INSTANT_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+MAX_TIME_TEXT = 40  # characters of a date/time text: longer ones are refused unread
 
 
 
@@ -143,7 +145,7 @@ def parse_time(text: str) -> int:
 
     Raises ValueError with a readable message.
     """
-    if not isinstance(text, str) or not text.strip() or len(text) > 40:
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_TIME_TEXT:
         raise ValueError(f"not a date/time: {text!r}")
     try:
         moment = datetime.fromisoformat(text.strip())
@@ -165,7 +167,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def parse_created_at(value: object) -> int:
-    if not isinstance(value, str) or len(value) > 40:
+    if not isinstance(value, str) or len(value) > MAX_TIME_TEXT:
         raise InvalidRecord("createdAt is not a date string")
     try:
         moment = datetime.fromisoformat(value)
@@ -310,69 +312,3 @@ def dumps(value: object) -> str:
         raise TypeError("binary floats are not allowed in txagg output; use Decimal")
     return json.dumps(value)
 
-
-# ---------------------------------------------------------------- OpenAPI schema pieces
-
-TRANSACTION_SCHEMA = {
-    "type": "object",
-    "required": list(FIELDS),
-    "properties": {
-        "id": {"type": "string", "example": "41bbdf81-735c-4aea-beb3-3e5f433a30c5"},
-        "userId": {"type": "string", "example": "074092"},
-        "createdAt": {
-            "type": "string",
-            "format": "date-time",
-            "example": "2023-03-16T12:33:11.000Z",
-        },
-        "type": {"type": "string", "enum": list(TYPES)},
-        "amount": {"type": "number", "exclusiveMinimum": 0, "multipleOf": 0.01, "example": 30},
-    },
-}
-
-MONEY_SCHEMA = {"type": "number", "description": "SCR, exact decimal with at most 2 places"}
-
-USER_REPORT_SCHEMA = {
-    "type": "object",
-    "required": [
-        "userId",
-        "balance",
-        "earned",
-        "spent",
-        "payout",
-        "paidOut",
-        "transactions",
-        "lastTransactionAt",
-        "asOf",
-    ],
-    "properties": {
-        "userId": {"type": "string"},
-        "balance": MONEY_SCHEMA,
-        "earned": MONEY_SCHEMA,
-        "spent": MONEY_SCHEMA,
-        "payout": MONEY_SCHEMA,
-        "paidOut": {"type": "number", "description": "payout converted to EUR"},
-        "transactions": {"type": "integer", "minimum": 0},
-        "lastTransactionAt": {"type": ["string", "null"], "format": "date-time"},
-        "asOf": {"type": ["string", "null"], "format": "date-time"},
-    },
-}
-
-PAYOUT_ITEM_SCHEMA = {
-    "type": "object",
-    "required": ["userId", "amount", "count"],
-    "properties": {
-        "userId": {"type": "string"},
-        "amount": {"type": "number", "description": "all payout requests added, SCR"},
-        "count": {"type": "integer", "minimum": 1},
-    },
-}
-
-PROBLEM_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "type": {"type": "string"},
-        "title": {"type": "string"},
-        "status": {"type": "integer"},
-        "detail": {"type": "string"},
-    },
-}

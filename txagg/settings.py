@@ -29,7 +29,6 @@ BACKOFF_MAX = 60.0
 MAX_REPAIR_REQUESTS = 20  # per check: bounds what a lying upstream can cost
 MAX_DISCREPANCIES = 20  # the newest ones kept for status
 MAX_UNRELIABLE_BACKOFF = 3600.0  # seconds: the longest pause in chasing counts that lie
-REREAD_WAIT_TOKENS = 2  # a repair's re-read may wait for this many tokens beyond spare ones
 
 # ---------------------------------------------------------------- what an answer may be
 
@@ -57,3 +56,29 @@ MAX_RATE_DIGITS = 20  # significant digits of --eur-per-scr
 # ---------------------------------------------------------------- status
 
 LOAD_WINDOW_MS = 10 * 60 * 1000  # status measures the upstream's load over this
+
+# ---------------------------------------------------------------- the HTTP APIs
+
+# Here rather than in their packages so that ``shapes`` (the OpenAPI documents' source) reads
+# them without importing either server.
+PAYOUTS_PAGE_DEFAULT = 100  # txagg serve: GET /payouts rows per page unless limit says
+PAYOUTS_PAGE_MAX = 1000
+# The mock's --faults kinds, in the order the spec, GET /faults and the docs list them; the
+# timed ones take P:SECONDS.
+FAULT_KINDS = (
+    "error",
+    "reset",
+    "truncate",
+    "nonjson",
+    "slow",
+    "late",
+    "drift",
+    "duplicate",
+    "outside",
+    "meta",
+    "invalid",
+    "conflict",
+    "throttle",
+)
+TIMED_FAULTS = ("slow", "late", "throttle")
+LATE_LOG_SIZE = 100_000  # late arrivals listed at the mock's GET /faults, the newest

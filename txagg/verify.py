@@ -15,17 +15,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from .errors import NothingSynced, ReversedRange  # noqa: F401 (re-exported)
-from .models import format_instant
-from .store import Store
-from .sync import (
-    Reconciler,
+from .errors import (  # noqa: F401 (NothingSynced, ReversedRange re-exported)
+    NothingSynced,
     RequestLimitReached,
-    SyncOptions,
+    ReversedRange,
     SyncStopped,
-    SyncSummary,
-    Upstream,
 )
+from .models import format_instant
+from .options import SyncOptions, SyncSummary
+from .reconcile import Reconciler
+from .store import Store
+from .upstream import Upstream
 
 ONE_SECOND = 1000
 

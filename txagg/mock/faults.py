@@ -16,28 +16,13 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+# The fault kinds live in settings, so that ``shapes`` builds the shape of /faults from them
+# without importing the mock.
+from ..settings import FAULT_KINDS, TIMED_FAULTS
 from .records import render_page
 
 # ---------------------------------------------------------------- faults: the spec
 
-# Every fault kind, in the order the spec, /faults and the docs list them.
-FAULT_KINDS = (
-    "error",
-    "reset",
-    "truncate",
-    "nonjson",
-    "slow",
-    "late",
-    "drift",
-    "duplicate",
-    "outside",
-    "meta",
-    "invalid",
-    "conflict",
-    "throttle",
-)
-LATE_LOG_SIZE = 100_000  # late arrivals listed at /faults, the newest
-TIMED_FAULTS = ("slow", "late", "throttle")  # these take P:SECONDS
 MAX_FAULT_SECONDS = 3600.0  # an hour of sleep or Retry-After is a typo, not a test
 
 

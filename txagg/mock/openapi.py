@@ -1,15 +1,15 @@
-"""The OpenAPI 3.1 document of the mock's routes (``/openapi.json``, and ``/docs`` from it)."""
+"""The OpenAPI 3.1 document of the mock's routes (``/openapi.json``, and ``/docs`` from it).
+
+The routes, answers and headers are written here; the bodies' schemas and the query parameters
+are generated from the shapes in ``txagg.shapes`` when the document is built.
+"""
 
 from __future__ import annotations
 
-from copy import deepcopy
-
 from .. import __version__
 from ..httpserve import PROBLEM_TYPE
-from ..models import PAYOUT_ITEM_SCHEMA, PROBLEM_SCHEMA, TRANSACTION_SCHEMA, USER_REPORT_SCHEMA
 from .config import MockConfig
-from .faults import FAULT_KINDS, LATE_LOG_SIZE, Faults
-from .upstream import MAX_LIMIT
+from .faults import Faults
 
 
 # Not httpserve.problem_response_doc: the mock's headers are $refs to its components.
@@ -28,21 +28,7 @@ def _problem_response(description: str, extra_headers: tuple[str, ...] = ()) -> 
 RATE_HEADERS = ("RateLimit-Policy", "RateLimit")
 
 
-def _query_parameter(name: str, schema: dict, description: str) -> dict:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "schema": schema,
-        "description": description,
-    }
-
-
-def _transactions_operation(config: MockConfig) -> dict:
-    date_help = (
-        "UTC instant: 'YYYY-MM-DD HH:MM:SS', 'YYYY-MM-DD' or ISO 8601 "
-        "('2023-02-01T00:00:00Z', '2023-02-01T00:00:00.000Z'). Inclusive, to the millisecond."
-    )
+def _transactions_operation(config: MockConfig, parameters: list[dict]) -> dict:
     rate_headers = {name: {"$ref": f"#/components/headers/{name}"} for name in RATE_HEADERS}
     faults = config.fault_settings
     page_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Page"}}}
@@ -56,18 +42,7 @@ def _transactions_operation(config: MockConfig) -> dict:
             f"Injected faults (--faults): {faults.spec() or 'none'}; counted at GET /faults."
         ),
         "operationId": "listTransactions",
-        "parameters": [
-            _query_parameter("startDate", {"type": "string"}, date_help + " Default: no bound."),
-            _query_parameter("endDate", {"type": "string"}, date_help + " Default: now."),
-            _query_parameter(
-                "page", {"type": "integer", "minimum": 1, "default": 1}, "Page number, from 1."
-            ),
-            _query_parameter(
-                "limit",
-                {"type": "integer", "minimum": 1, "default": MAX_LIMIT},
-                f"Items per page; values above {MAX_LIMIT} are capped at {MAX_LIMIT}.",
-            ),
-        ],
+        "parameters": parameters,
         "responses": {
             "200": {
                 "description": "One page of the window",
@@ -113,49 +88,9 @@ def _get(summary: str, operation_id: str, schema_ref: str, **extra) -> dict:
     }
 
 
-def _components() -> dict:
-    page_meta = {
-        "type": "object",
-        "required": ["totalItems", "itemCount", "itemsPerPage", "totalPages", "currentPage"],
-        "properties": {
-            name: {"type": "integer", "minimum": 0}
-            for name in ("totalItems", "itemCount", "itemsPerPage", "totalPages", "currentPage")
-        },
-    }
-    payout = PAYOUT_ITEM_SCHEMA
-
-    def listing(item: str) -> dict:
-        return {
-            "type": "object",
-            "required": ["items", "asOf"],
-            "properties": {
-                "items": {"type": "array", "items": {"$ref": f"#/components/schemas/{item}"}},
-                "asOf": {"type": "string", "format": "date-time"},
-            },
-        }
-
+def _components(schemas: dict) -> dict:
     return {
-        "schemas": {
-            "Transaction": deepcopy(TRANSACTION_SCHEMA),
-            "PageMeta": page_meta,
-            "Page": {
-                "type": "object",
-                "required": ["items", "meta"],
-                "properties": {
-                    "items": {
-                        "type": "array",
-                        "items": {"$ref": "#/components/schemas/Transaction"},
-                    },
-                    "meta": {"$ref": "#/components/schemas/PageMeta"},
-                },
-            },
-            "UserReport": deepcopy(USER_REPORT_SCHEMA),
-            "UserList": listing("UserReport"),
-            "Payout": payout,
-            "PayoutList": listing("Payout"),
-            "Problem": deepcopy(PROBLEM_SCHEMA),
-            "FaultReport": _fault_report_schema(),
-        },
+        "schemas": schemas,
         "headers": {
             "RateLimit-Policy": {
                 "description": 'The quota: "default";q=<requests>;w=<window seconds>',
@@ -176,54 +111,25 @@ def _components() -> dict:
     }
 
 
-def _fault_report_schema() -> dict:
-    setting = {
-        "type": "object",
-        "required": ["probability"],
-        "properties": {
-            "probability": {"type": "number", "minimum": 0, "maximum": 1},
-            "seconds": {"type": "number", "minimum": 0},
-        },
-    }
-    return {
-        "type": "object",
-        "required": ["spec", "settings", "requests", "injected"],
-        "properties": {
-            "spec": {"type": "string", "description": "--faults, normalised"},
-            "settings": {
-                "type": "object",
-                "properties": {kind: setting for kind in FAULT_KINDS},
-                "required": list(FAULT_KINDS),
-            },
-            "requests": {
-                "type": "integer",
-                "minimum": 0,
-                "description": "/transactions requests past the rate limit and validation",
-            },
-            "injected": {
-                "type": "object",
-                "properties": {kind: {"type": "integer", "minimum": 0} for kind in FAULT_KINDS},
-                "required": list(FAULT_KINDS),
-            },
-            "lateArrivals": {
-                "type": "array",
-                "description": f"the last {LATE_LOG_SIZE} late arrivals: id and when it showed",
-                "items": {
-                    "type": "object",
-                    "required": ["id", "createdAt", "visibleAt"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "createdAt": {"type": "string", "format": "date-time"},
-                        "visibleAt": {"type": "string", "format": "date-time"},
-                    },
-                },
-            },
-        },
-    }
-
-
 def openapi_document(config: MockConfig) -> dict:
     """The OpenAPI 3.1 description of every route this mock serves."""
+    # pydantic is imported here, when the mock builds its document: never by ``import
+    # txagg.mock``, never on a request path.
+    from ..shapes import (
+        FaultReport,
+        Page,
+        PageMeta,
+        Payout,
+        PayoutList,
+        Problem,
+        Transaction,
+        TransactionsParameters,
+        UserList,
+        UserReport,
+        openapi_schemas,
+        query_parameters,
+    )
+
     not_found = _problem_response("No transaction of this user is visible yet")
     return {
         "openapi": "3.1.0",
@@ -241,7 +147,9 @@ def openapi_document(config: MockConfig) -> dict:
             ),
         },
         "paths": {
-            "/transactions": {"get": _transactions_operation(config)},
+            "/transactions": {
+                "get": _transactions_operation(config, query_parameters(TransactionsParameters))
+            },
             "/users": _get("Every user's true aggregates, by userId", "listUsers", "UserList"),
             "/users/{userId}": {
                 **_get("One user's true aggregates", "getUser", "UserReport", **{"404": not_found}),
@@ -272,5 +180,17 @@ def openapi_document(config: MockConfig) -> dict:
                 }
             },
         },
-        "components": _components(),
+        "components": _components(
+            openapi_schemas(
+                Transaction,
+                PageMeta,
+                Page,
+                UserReport,
+                UserList,
+                Payout,
+                PayoutList,
+                Problem,
+                FaultReport,
+            )
+        ),
     }

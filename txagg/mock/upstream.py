@@ -25,8 +25,9 @@ from ..models import (
     loads,
     parse_transaction,
 )
+from ..settings import LATE_LOG_SIZE, PAGE_SIZE
 from .config import MockConfig
-from .faults import CONFLICT_DELAY_MS, LATE_LOG_SIZE, FaultInjector, RequestFaults
+from .faults import CONFLICT_DELAY_MS, FaultInjector, RequestFaults
 from .records import (
     INVALID_KINDS,
     TimestampCache,
@@ -37,7 +38,7 @@ from .records import (
     uuid4_text,
 )
 
-MAX_LIMIT = 1000
+MAX_LIMIT = PAGE_SIZE  # the upstream's ceiling per request, as the contract says
 EARNED_SHARE = 0.50
 SPENT_SHARE = 0.35  # the remaining 15% are payouts
 BURST_SHARE = 0.25  # history items that follow the previous one within a second

@@ -7,14 +7,14 @@ from decimal import Decimal
 from pathlib import Path
 
 from ..report import STALE_AFTER_SECONDS
+from ..settings import PAYOUTS_PAGE_DEFAULT, PAYOUTS_PAGE_MAX
 from ..sync import SyncOptions
 
-DEFAULT_LIMIT = 100
-MAX_LIMIT = 1000
+DEFAULT_LIMIT = PAYOUTS_PAGE_DEFAULT  # /payouts rows per page
+MAX_LIMIT = PAYOUTS_PAGE_MAX
 MAX_PATH_BYTES = 2048  # no route of ours needs more; longer is a 414
 MAX_QUERY_BYTES = 2048
 MAX_HEADER_BYTES = 8192  # all header names and values together; more is a 431
-MAX_TIME_TEXT = 40  # models.parse_time refuses longer texts
 # Read at call time through the package (``txagg.server.QUERY_SECONDS``), so it can be changed
 # while a server runs.
 QUERY_SECONDS = 10  # the longest a /payouts page may take before it is a 503

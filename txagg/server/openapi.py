@@ -1,23 +1,17 @@
-"""The OpenAPI 3.1 document of ``txagg serve`` (``/openapi.json``; ``/docs`` renders it)."""
+"""The OpenAPI 3.1 document of ``txagg serve`` (``/openapi.json``; ``/docs`` renders it).
+
+The routes, answers and headers are written here; the bodies' schemas and the query parameters
+are generated from the shapes in ``txagg.shapes`` when the document is built.
+"""
 
 from __future__ import annotations
-
-from copy import deepcopy
 
 from .. import __version__
 from .. import server as package  # QUERY_SECONDS is read from there at call time
 from ..httpserve import JSON_TYPE
 from ..httpserve import problem_response_doc as _problem_response
-from ..models import MAX_USER_ID_LENGTH, PAYOUT_ITEM_SCHEMA, PROBLEM_SCHEMA, USER_REPORT_SCHEMA
 from ..report import STALE_AFTER_SECONDS
-from .config import (
-    DEFAULT_LIMIT,
-    MAX_HEADER_BYTES,
-    MAX_LIMIT,
-    MAX_PATH_BYTES,
-    MAX_TIME_TEXT,
-    ServeConfig,
-)
+from .config import MAX_HEADER_BYTES, MAX_PATH_BYTES, ServeConfig
 
 
 def _json_response(description: str, schema: str, cached: bool) -> dict:
@@ -33,26 +27,15 @@ def _json_response(description: str, schema: str, cached: bool) -> dict:
     return response
 
 
-def _parameter(name: str, where: str, schema: dict, description: str, required=False) -> dict:
-    return {
-        "name": name,
-        "in": where,
-        "required": required,
-        "schema": schema,
-        "description": description,
-    }
-
-
-IF_NONE_MATCH = _parameter(
-    "If-None-Match",
-    "header",
-    {"type": "string"},
-    "An ETag from an earlier answer: 304 Not Modified while the data has not changed.",
-)
-TIME_HELP = (
-    "UTC unless it says otherwise: 'YYYY-MM-DD HH:MM:SS', 'YYYY-MM-DD' or ISO 8601 "
-    "('2023-03-01T00:00:00Z'). At most 40 characters."
-)
+IF_NONE_MATCH = {
+    "name": "If-None-Match",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": (
+        "An ETag from an earlier answer: 304 Not Modified while the data has not changed."
+    ),
+}
 
 
 def _common_errors(config: ServeConfig, *, public: bool = False) -> dict:
@@ -96,12 +79,18 @@ def _users_operation(config: ServeConfig) -> dict:
             },
         },
         "parameters": [
-            _parameter("userId", "path", {"type": "string", "minLength": 1}, "", required=True)
+            {
+                "name": "userId",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "minLength": 1},
+                "description": "",
+            }
         ],
     }
 
 
-def _payouts_operation(config: ServeConfig) -> dict:
+def _payouts_operation(config: ServeConfig, parameters: list[dict]) -> dict:
     return {
         "get": {
             "summary": "Requested payouts, one row per user, in userId order",
@@ -110,38 +99,7 @@ def _payouts_operation(config: ServeConfig) -> dict:
                 "pagination on userId: no row is lost or repeated while the data changes)."
             ),
             "operationId": "listPayouts",
-            "parameters": [
-                _parameter(
-                    "limit",
-                    "query",
-                    {
-                        "type": "integer",
-                        "minimum": 1,
-                        "maximum": MAX_LIMIT,
-                        "default": DEFAULT_LIMIT,
-                    },
-                    "Rows per page.",
-                ),
-                _parameter(
-                    "after",
-                    "query",
-                    {"type": "string", "maxLength": MAX_USER_ID_LENGTH},
-                    "Only users whose userId sorts after this one (the `next` link sets it).",
-                ),
-                _parameter(
-                    "since",
-                    "query",
-                    {"type": "string", "maxLength": MAX_TIME_TEXT},
-                    "Only payouts requested at or after this time. " + TIME_HELP,
-                ),
-                _parameter(
-                    "until",
-                    "query",
-                    {"type": "string", "maxLength": MAX_TIME_TEXT},
-                    "Only payouts requested before this time. " + TIME_HELP,
-                ),
-                IF_NONE_MATCH,
-            ],
+            "parameters": [*parameters, IF_NONE_MATCH],
             "responses": {
                 "200": _json_response("One page of payouts", "PayoutPage", cached=True),
                 "304": _not_modified(),
@@ -165,7 +123,7 @@ def _simple_operation(config: ServeConfig, summary: str, operation_id: str, ok: 
     }
 
 
-def _healthz_operation(config: ServeConfig) -> dict:
+def _healthz_operation(config: ServeConfig, parameters: list[dict]) -> dict:
     return {
         "get": {
             "summary": "Liveness, and with ready=true readiness",
@@ -176,9 +134,7 @@ def _healthz_operation(config: ServeConfig) -> dict:
                 "sync loop has stopped. Needs no token."
             ),
             "operationId": "health",
-            "parameters": [
-                _parameter("ready", "query", {"type": "boolean"}, "Answer 503 when not ready.")
-            ],
+            "parameters": parameters,
             "responses": {
                 "200": _json_response("Alive", "Health", cached=False),
                 "400": _problem_response("ready is not a boolean"),
@@ -189,40 +145,9 @@ def _healthz_operation(config: ServeConfig) -> dict:
     }
 
 
-def _components(config: ServeConfig) -> dict:
-    payout = PAYOUT_ITEM_SCHEMA
-    nullable_time = {"type": ["string", "null"], "format": "date-time"}
+def _components(config: ServeConfig, schemas: dict) -> dict:
     components: dict = {
-        "schemas": {
-            "UserReport": deepcopy(USER_REPORT_SCHEMA),
-            "Payout": payout,
-            "PayoutPage": {
-                "type": "object",
-                "required": ["items", "asOf", "next"],
-                "properties": {
-                    "items": {"type": "array", "items": {"$ref": "#/components/schemas/Payout"}},
-                    "asOf": nullable_time,
-                    "next": {
-                        "type": ["string", "null"],
-                        "description": "The next page's URL (relative), null on the last page",
-                    },
-                },
-            },
-            "Status": _status_schema(nullable_time),
-            "Health": {
-                "type": "object",
-                "required": ["status", "ready", "following", "lagSeconds", "asOf"],
-                "properties": {
-                    "status": {"const": "ok"},
-                    "ready": {"type": "boolean"},
-                    "following": {"type": "boolean"},
-                    "lagSeconds": {"type": ["integer", "null"], "minimum": 0},
-                    "asOf": nullable_time,
-                    "detail": {"type": "string", "description": "why it is not ready"},
-                },
-            },
-            "Problem": deepcopy(PROBLEM_SCHEMA),
-        },
+        "schemas": schemas,
         "headers": {
             "ETag": {
                 "description": "Weak validator from the data version (transactions and asOf)",
@@ -242,56 +167,23 @@ def _components(config: ServeConfig) -> dict:
     return components
 
 
-def _status_schema(nullable_time: dict) -> dict:
-    count = {"type": "integer", "minimum": 0}
-    return {
-        "type": "object",
-        "required": [
-            "store",
-            "position",
-            "asOf",
-            "lagSeconds",
-            "behind",
-            "transactions",
-            "users",
-            "quarantined",
-            "conflicts",
-            "rateBudget",
-            "follow",
-        ],
-        "properties": {
-            "store": {"type": "string"},
-            "position": nullable_time,
-            "asOf": nullable_time,
-            "lagSeconds": {"type": ["integer", "null"], "minimum": 0},
-            "behind": {"type": "boolean"},
-            "window": {"type": "object"},
-            "transactions": count,
-            "users": count,
-            "quarantined": count,
-            "conflicts": count,
-            "verifiedUntil": nullable_time,
-            "load": {"type": "object"},
-            "discrepancies": {"type": "array"},
-            "lastCheck": {"type": ["object", "null"]},
-            "lastRun": {"type": "object"},
-            "rateBudget": {"type": "object"},
-            "follow": {
-                "type": "object",
-                "required": ["enabled"],
-                "properties": {
-                    "enabled": {"type": "boolean"},
-                    "running": {"type": ["boolean", "null"]},
-                    "errors": {"type": ["integer", "null"]},
-                    "lastError": {"type": ["string", "null"]},
-                },
-            },
-        },
-    }
-
-
 def openapi_document(config: ServeConfig) -> dict:
     """The OpenAPI 3.1 description of every route this server answers, as configured."""
+    # pydantic is imported here, when a server builds its document: never by ``import
+    # txagg.server``, never on a request path.
+    from ..shapes import (
+        Health,
+        HealthParameters,
+        Payout,
+        PayoutPage,
+        PayoutsParameters,
+        Problem,
+        Status,
+        UserReport,
+        openapi_schemas,
+        query_parameters,
+    )
+
     auth = "every route but /healthz needs a bearer token. " if config.token else ""
     document: dict = {
         "openapi": "3.1.0",
@@ -307,14 +199,14 @@ def openapi_document(config: ServeConfig) -> dict:
         },
         "paths": {
             "/users/{userId}": _users_operation(config),
-            "/payouts": _payouts_operation(config),
+            "/payouts": _payouts_operation(config, query_parameters(PayoutsParameters)),
             "/status": _simple_operation(
                 config,
                 "Where sync stands: position, lag, counts, quarantine, rate budget",
                 "status",
                 _json_response("The status", "Status", cached=False),
             ),
-            "/healthz": _healthz_operation(config),
+            "/healthz": _healthz_operation(config, query_parameters(HealthParameters)),
             "/metrics": _simple_operation(
                 config,
                 "Prometheus metrics (text format 0.0.4)",
@@ -334,7 +226,9 @@ def openapi_document(config: ServeConfig) -> dict:
                 {"description": "HTML", "content": {"text/html": {}}},
             ),
         },
-        "components": _components(config),
+        "components": _components(
+            config, openapi_schemas(UserReport, Payout, PayoutPage, Status, Health, Problem)
+        ),
     }
     if config.token is not None:
         document["security"] = [{"bearer": []}]

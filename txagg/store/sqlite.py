@@ -1,176 +1,31 @@
-"""The store: one SQLite file (WAL) holding transactions, per-user totals, sync state and the
-shared rate budget.
+"""The SQLite store: one file in WAL mode (readers never wait for the writer) holding
+transactions, per-user totals, sync state and the shared rate budget.
 
 Every change that belongs together (new rows, the totals they move, the sync cursor) is written
 in one database transaction, so a process killed at any instant leaves either all or nothing.
-The SQL in the hot paths is the portable subset (``INSERT ... ON CONFLICT``, no ``REPLACE``,
-no SQLite-only functions) so that a PostgreSQL backend can share it.
+Opening applies the missing migrations (``schema``); the read commands open the file read-only
+and never create, migrate or write it. Ingest runs the portable steps of ``ingest``.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import (  # noqa: F401 (re-exported: the store's failures)
-    DamagedStore,
-    NoStore,
-    NotAStore,
-    StoreError,
-    StoreTooNew,
-    SyncLocked,
-)
-from .models import (
-    MAX_INSTANT_MS,
-    MIN_INSTANT_MS,
-    InvalidRecord,
-    Transaction,
-    format_cents,
-    parse_created_at,
-    parse_transaction,
-    raw_text,
-)
-from .settings import (  # noqa: F401 (limits re-exported for callers of the store)
-    MAX_BLOCK_SECONDS,
-    MAX_TOTAL_CENTS,
-    MAX_USER_TRANSACTIONS,
-    TOKEN_MARGIN,
-)
-
-MIGRATIONS_TABLE = "txagg_migrations"
-
-
-# With earned, spent and payout each at most MAX_TOTAL_CENTS (1e18 cents), balance = earned -
-# spent - payout lies between -2e18 and 1e18, and any SQL sum over one user's rows is at most one
-# of its totals: nothing leaves 64 bits. A transaction that would push a total past its maximum
-# is quarantined instead (Store.ingest).
-_KIND_SLOT = {"earned": 0, "spent": 1, "payout": 2}
-
-
-def check_user_row(path: Path, row: tuple) -> None:
-    """Raise DamagedStore unless ``row`` (user_id, earned, spent, payout, tx_count, last_tx_at)
-    holds what ingest writes: integers within their documented ranges. About a microsecond."""
-    user_id, earned, spent, payout, count, last = row
-    if (
-        type(earned) is int
-        and type(spent) is int
-        and type(payout) is int
-        and type(count) is int
-        and type(last) is int
-        and 0 <= earned <= MAX_TOTAL_CENTS
-        and 0 <= spent <= MAX_TOTAL_CENTS
-        and 0 <= payout <= MAX_TOTAL_CENTS
-        and 0 <= count <= MAX_USER_TRANSACTIONS
-        and MIN_INSTANT_MS <= last <= MAX_INSTANT_MS
-    ):
-        return
-    limits = (
-        ("earned total", MAX_TOTAL_CENTS),
-        ("spent total", MAX_TOTAL_CENTS),
-        ("payout total", MAX_TOTAL_CENTS),
-        ("transaction count", MAX_USER_TRANSACTIONS),
-    )
-    for (field, top), value in zip(limits, row[1:5], strict=True):
-        if type(value) is not int or not 0 <= value <= top:
-            raise DamagedStore(path, user_id, field, value)
-    raise DamagedStore(path, user_id, "last transaction time", last)
-
-
-# Each migration is (version, name, statements). Never edit a released one: add the next.
-MIGRATIONS: list[tuple[int, str, list[str]]] = [
-    (
-        1,
-        "initial schema",
-        [
-            """CREATE TABLE transactions (
-                id TEXT PRIMARY KEY,
-                user_id TEXT NOT NULL,
-                created_at INTEGER NOT NULL,
-                type TEXT NOT NULL,
-                amount INTEGER NOT NULL
-            ) WITHOUT ROWID""",
-            "CREATE INDEX transactions_created_at ON transactions (created_at)",
-            """CREATE TABLE users (
-                user_id TEXT PRIMARY KEY,
-                earned INTEGER NOT NULL,
-                spent INTEGER NOT NULL,
-                payout INTEGER NOT NULL,
-                tx_count INTEGER NOT NULL,
-                payout_count INTEGER NOT NULL,
-                last_tx_at INTEGER NOT NULL
-            ) WITHOUT ROWID""",
-            """CREATE TABLE quarantine (
-                key TEXT PRIMARY KEY,
-                raw TEXT NOT NULL,
-                reason TEXT NOT NULL,
-                created_at INTEGER,
-                first_seen INTEGER NOT NULL,
-                times_seen INTEGER NOT NULL
-            )""",
-            """CREATE TABLE conflicts (
-                key TEXT PRIMARY KEY,
-                tx_id TEXT NOT NULL,
-                raw TEXT NOT NULL,
-                created_at INTEGER,
-                first_seen INTEGER NOT NULL
-            )""",
-            "CREATE TABLE sync_state (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
-            "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
-            """CREATE TABLE rate_budget (
-                name TEXT PRIMARY KEY,
-                tokens REAL NOT NULL,
-                updated_at REAL NOT NULL,
-                blocked_until REAL NOT NULL
-            )""",
-        ],
-    ),
-]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+from ..errors import DamagedStore, NoStore, NotAStore, StoreError, StoreTooNew, SyncLocked
+from ..settings import MAX_BLOCK_SECONDS, MAX_TOTAL_CENTS, MAX_USER_TRANSACTIONS, TOKEN_MARGIN
+from . import ingest as steps
+from .base import StoreBackend, UserTotals
+from .ingest import IngestResult, check_user_row, ingest_page
+from .schema import MIGRATIONS, MIGRATIONS_TABLE, SCHEMA_VERSION
 
 CACHE_KIB = 128 * 1024
-
-
-@dataclass
-class IngestCounts:
-    """What ingest made of the records it was given: one page's, or a whole run's."""
-
-    new: int = 0
-    duplicates: int = 0
-    quarantined: int = 0
-    conflicts: int = 0
-
-    def add_ingest(self, other: IngestCounts) -> None:
-        self.new += other.new
-        self.duplicates += other.duplicates
-        self.quarantined += other.quarantined
-        self.conflicts += other.conflicts
-
-
-@dataclass
-class IngestResult(IngestCounts):
-    """One page's ingest: the counts, the users it added and its latest createdAt."""
-
-    new_users: int = 0
-    max_created_at: int | None = None
-
-
-@dataclass
-class UserTotals:
-    user_id: str
-    earned: int
-    spent: int
-    payout: int
-    tx_count: int
-    payout_count: int
-    last_tx_at: int
 
 
 def explain(error: sqlite3.Error, path: Path) -> str:
@@ -200,61 +55,6 @@ def default_db_path() -> Path:
         os.path.expanduser("~"), ".local", "share"
     )
     return Path(base) / "txagg" / "txagg.db"
-
-
-def _record_key(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
-
-
-def _raw_text(record: object) -> str:
-    return raw_text(record)
-
-
-def _deltas(txs: list[Transaction]) -> dict[str, list[int]]:
-    """Per user: [earned, spent, payout, tx_count, payout_count, last_tx_at] of ``txs``."""
-    deltas: dict[str, list[int]] = {}
-    for tx in txs:
-        d = deltas.get(tx.user_id)
-        if d is None:
-            d = deltas[tx.user_id] = [0, 0, 0, 0, 0, tx.created_at]
-        if tx.type == "earned":
-            d[0] += tx.amount
-        elif tx.type == "spent":
-            d[1] += tx.amount
-        else:
-            d[2] += tx.amount
-            d[4] += 1
-        d[3] += 1
-        if tx.created_at > d[5]:
-            d[5] = tx.created_at
-    return deltas
-
-
-def _within_limits(
-    new: list[Transaction], totals: dict[str, tuple[int, int, int, int]]
-) -> tuple[list[Transaction], list[tuple[Transaction, str]]]:
-    """``new`` split into what keeps every total within its maximum and what would not, with
-    why. Taken in (createdAt, id) order, so the same page decides the same in any item order."""
-    running = {user_id: list(t) for user_id, t in totals.items()}
-    accepted: list[Transaction] = []
-    refused: list[tuple[Transaction, str]] = []
-    for tx in sorted(new, key=lambda tx: (tx.created_at, tx.id)):
-        t = running.setdefault(tx.user_id, [0, 0, 0, 0])
-        slot = _KIND_SLOT[tx.type]
-        if t[slot] + tx.amount > MAX_TOTAL_CENTS:
-            refused.append((tx, f"would push the user's {tx.type} total past {_MAX_TOTAL_TEXT}"))
-        elif t[3] + 1 > MAX_USER_TRANSACTIONS:
-            refused.append((tx, f"would push the user's transaction count past {_MAX_COUNT_TEXT}"))
-        else:
-            t[slot] += tx.amount
-            t[3] += 1
-            accepted.append(tx)
-    return accepted, refused
-
-
-_NO_TOTALS = (0, 0, 0, 0)
-_MAX_TOTAL_TEXT = f"the maximum of {format_cents(MAX_TOTAL_CENTS)} SCR"
-_MAX_COUNT_TEXT = f"the maximum of {MAX_USER_TRANSACTIONS}"
 
 
 def _open_error(error: sqlite3.Error, path: Path) -> StoreError:
@@ -303,8 +103,9 @@ def _remove_wal_files(path: Path) -> None:
         pass  # a read-only file, say: the files stay, as SQLite always left them there
 
 
-class Store:
-    """A txagg store in one SQLite file. Open with ``Store.open(path)``."""
+class Store(StoreBackend):
+    """A txagg store in one SQLite file (the SQLite ``StoreBackend``). Open with
+    ``Store.open(path)``."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path):
         self.conn = conn
@@ -509,9 +310,6 @@ class Store:
         finally:
             handle.close()
 
-    def sync_lock(self):
-        return self.lock("sync")
-
     # ------------------------------------------------------------ ingest
 
     def ingest(
@@ -531,194 +329,19 @@ class Store:
         (MAX_TOTAL_CENTS, MAX_USER_TRANSACTIONS). Totals never go down, so such a transaction
         is refused again however often it comes back, and never counted later.
         """
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        valid: dict[str, Transaction] = {}
-        repeated: list[tuple[Transaction, object]] = []
-        invalid: list[tuple[object, str]] = []
-        raw_by_id: dict[str, object] = {}
-        for record in records:
-            try:
-                tx = parse_transaction(record)
-            except InvalidRecord as error:
-                invalid.append((record, error.reason))
-                continue
-            if tx.id in valid:
-                repeated.append((tx, record))
-            else:
-                valid[tx.id] = tx
-                raw_by_id[tx.id] = record
-        result = IngestResult()
-        if valid:
-            result.max_created_at = max(tx.created_at for tx in valid.values())
-        with self.transaction() as conn:
-            known = self._known_transactions(conn, list(valid))
-            new = [tx for tx in valid.values() if tx.id not in known]
-            result.duplicates = len(valid) - len(new)
-            for tx in valid.values():
-                if tx.id in known and known[tx.id] != tx:
-                    result.conflicts += self._record_conflict(conn, tx, raw_by_id[tx.id], now_ms)
-            for tx, record in repeated:
-                first = known.get(tx.id) or valid[tx.id]
-                if first == tx:
-                    result.duplicates += 1
-                else:
-                    result.conflicts += self._record_conflict(conn, tx, record, now_ms)
-            if new:
-                result.new_users, refused = self._insert_new(conn, new)
-                result.new = len(new) - len(refused)
-                invalid.extend((raw_by_id[tx.id], reason) for tx, reason in refused)
-            for record, reason in invalid:
-                result.quarantined += self._quarantine(conn, record, reason, now_ms)
-            self._bump(
-                conn,
-                transactions=result.new,
-                users=result.new_users,
-                quarantined=result.quarantined,
-                conflicts=result.conflicts,
-            )
-            if callable(state):
-                state = state(result)
-            if state:
-                self._put_state(conn, state)
-        return result
-
-    @staticmethod
-    def _known_transactions(conn: sqlite3.Connection, ids: list[str]) -> dict[str, Transaction]:
-        known: dict[str, Transaction] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in conn.execute(
-                "SELECT id, user_id, created_at, type, amount FROM transactions "
-                f"WHERE id IN ({marks})",
-                chunk,
-            ):
-                known[row[0]] = Transaction(*row)
-        return known
-
-    def _insert_new(
-        self, conn: sqlite3.Connection, new: list[Transaction]
-    ) -> tuple[int, list[tuple[Transaction, str]]]:
-        """Insert ``new`` and add it to the users' totals: (how many users are new, the
-        transactions refused, each with why, because they would push a total past its maximum).
-        """
-        deltas = _deltas(new)
-        totals = self._user_totals_of(conn, list(deltas))
-        refused: list[tuple[Transaction, str]] = []
-        for user_id, d in deltas.items():
-            t = totals.get(user_id, _NO_TOTALS)
-            if (
-                t[0] + d[0] > MAX_TOTAL_CENTS
-                or t[1] + d[1] > MAX_TOTAL_CENTS
-                or t[2] + d[2] > MAX_TOTAL_CENTS
-                or t[3] + d[3] > MAX_USER_TRANSACTIONS
-            ):
-                new, refused = _within_limits(new, totals)
-                deltas = _deltas(new)
-                break
-        if new:
-            conn.executemany(
-                "INSERT INTO transactions (id, user_id, created_at, type, amount) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                [(tx.id, tx.user_id, tx.created_at, tx.type, tx.amount) for tx in new],
-            )
-            conn.executemany(
-                "INSERT INTO users "
-                "(user_id, earned, spent, payout, tx_count, payout_count, last_tx_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET "
-                "earned = users.earned + excluded.earned, "
-                "spent = users.spent + excluded.spent, "
-                "payout = users.payout + excluded.payout, "
-                "tx_count = users.tx_count + excluded.tx_count, "
-                "payout_count = users.payout_count + excluded.payout_count, "
-                "last_tx_at = CASE WHEN excluded.last_tx_at > users.last_tx_at "
-                "THEN excluded.last_tx_at ELSE users.last_tx_at END",
-                [(user_id, *d) for user_id, d in deltas.items()],
-            )
-        return sum(1 for user_id in deltas if user_id not in totals), refused
-
-    def _user_totals_of(
-        self, conn: sqlite3.Connection, user_ids: list[str]
-    ) -> dict[str, tuple[int, int, int, int]]:
-        """(earned, spent, payout, tx_count) of those of ``user_ids`` the store knows,
-        checked: a damaged row fails the ingest rather than be added to."""
-        totals: dict[str, tuple[int, int, int, int]] = {}
-        for start in range(0, len(user_ids), 500):
-            chunk = user_ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in conn.execute(
-                "SELECT user_id, earned, spent, payout, tx_count, last_tx_at FROM users "
-                f"WHERE user_id IN ({marks})",
-                chunk,
-            ):
-                check_user_row(self.path, row)
-                totals[row[0]] = row[1:5]
-        return totals
-
-    @staticmethod
-    def _quarantine(conn: sqlite3.Connection, record: object, reason: str, now_ms: int) -> int:
-        raw = _raw_text(record)
-        created_at = None
-        if isinstance(record, dict):
-            try:
-                created_at = parse_created_at(record.get("createdAt"))
-            except InvalidRecord:
-                pass
-        cursor = conn.execute(
-            "INSERT INTO quarantine (key, raw, reason, created_at, first_seen, times_seen) "
-            "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT (key) DO UPDATE SET "
-            "times_seen = quarantine.times_seen + 1 RETURNING times_seen",
-            (_record_key(raw), raw, reason, created_at, now_ms),
-        )
-        return 1 if cursor.fetchone()[0] == 1 else 0
-
-    @staticmethod
-    def _record_conflict(
-        conn: sqlite3.Connection, tx: Transaction, record: object, now_ms: int
-    ) -> int:
-        raw = _raw_text(record)
-        cursor = conn.execute(
-            "INSERT INTO conflicts (key, tx_id, raw, created_at, first_seen) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-            (_record_key(tx.id, raw), tx.id, raw, tx.created_at, now_ms),
-        )
-        return cursor.rowcount
-
-    @staticmethod
-    def _bump(conn: sqlite3.Connection, **amounts: int) -> None:
-        rows = [(name, value) for name, value in amounts.items() if value]
-        if rows:
-            conn.executemany(
-                "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) "
-                "DO UPDATE SET value = counters.value + excluded.value",
-                rows,
-            )
+        return ingest_page(self.transaction, self.path, records, state=state, now_ms=now_ms)
 
     def place_quarantined(self, raws: list[str], at_ms: int) -> int:
         """Give quarantined records whose createdAt is unusable a place: ``at_ms``, the start
         of the small window the upstream served them in, so window counts include them."""
         with self.transaction() as conn:
-            return sum(
-                conn.execute(
-                    "UPDATE quarantine SET created_at = ? WHERE key = ? AND created_at IS NULL",
-                    (at_ms, _record_key(raw)),
-                ).rowcount
-                for raw in raws
-            )
+            return steps.place_quarantined(conn, raws, at_ms)
 
     # ------------------------------------------------------------ sync state
 
-    @staticmethod
-    def _put_state(conn: sqlite3.Connection, state: dict[str, object]) -> None:
-        conn.executemany(
-            "INSERT INTO sync_state (name, value) VALUES (?, ?) ON CONFLICT (name) "
-            "DO UPDATE SET value = excluded.value",
-            [(name, json.dumps(value)) for name, value in state.items()],
-        )
-
     def put_state(self, **state: object) -> None:
         with self.transaction() as conn:
-            self._put_state(conn, state)
+            steps.put_state(conn, state)
 
     def state(self) -> dict[str, object]:
         return {
@@ -767,7 +390,7 @@ class Store:
                 (tokens, now, blocked_until),
             )
             if wait == 0.0:
-                self._bump(conn, requests=1)
+                steps.bump(conn, requests=1)
         return wait, blocked
 
     def block_until(self, until: float, now: float | None = None) -> None:
@@ -783,7 +406,7 @@ class Store:
                 "ELSE rate_budget.blocked_until END",
                 (now, min(until, now + MAX_BLOCK_SECONDS)),
             )
-            self._bump(conn, throttled=1)
+            steps.bump(conn, throttled=1)
 
     def budget(self, rate: int, per: float, now: float | None = None) -> dict[str, float]:
         now = time.time() if now is None else now
@@ -903,4 +526,3 @@ class Store:
             if taken is None:
                 return moment
         return base
-

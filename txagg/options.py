@@ -1,0 +1,87 @@
+"""What a sync is told (``SyncOptions``: shared by sync, verify and ``serve --follow``, and the
+defaults of their command-line options) and what it reports (``SyncSummary``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .settings import (
+    BACKOFF_INITIAL,
+    BACKOFF_MAX,
+    CHECK_EVERY,
+    INTERVAL_SECONDS,
+    MAX_REPAIR_REQUESTS,
+    MAX_RESPONSE_BYTES,
+    OVERLAP_SECONDS,
+    PAGE_SIZE,
+    PER_SECONDS,
+    RATE_LIMIT,
+    RETRY_FOR_SECONDS,
+    SETTLE_SECONDS,
+    TIMEOUT_SECONDS,
+)
+from .store import IngestCounts
+
+
+@dataclass
+class SyncOptions:
+    api_url: str
+    since: int = 0  # ms: where a fresh store starts
+    rate_limit: int = RATE_LIMIT
+    per: float = PER_SECONDS
+    overlap: float = OVERLAP_SECONDS
+    settle: float = SETTLE_SECONDS
+    max_requests: int | None = None
+    date_format: str = "sql"
+    page_size: int = PAGE_SIZE
+    timeout: float = TIMEOUT_SECONDS  # seconds for a whole request: connect, headers and body
+    max_response_bytes: int = MAX_RESPONSE_BYTES
+    retry_for: float = RETRY_FOR_SECONDS  # give up on a failing upstream after this long
+    backoff_initial: float = BACKOFF_INITIAL
+    backoff_max: float = BACKOFF_MAX
+    interval: float = INTERVAL_SECONDS  # --follow: seconds between polls
+    check_every: float | None = CHECK_EVERY  # seconds between late-arrival checks; None: never
+    max_repair_requests: int = MAX_REPAIR_REQUESTS  # per check: what a lying meta may cost
+
+
+@dataclass
+class SyncSummary(IngestCounts):
+    """What a run did; ``as_dict`` is the JSON summary of ``sync --json`` (camelCase keys)."""
+
+    requests: int = 0
+    pages: int = 0
+    throttled: int = 0
+    retries: int = 0
+    checks: int = 0
+    check_requests: int = 0  # requests spent on late-arrival checks and their repairs
+    repairs: int = 0
+    discrepancies: int = 0
+    complete: bool = False
+    position: str | None = None
+    as_of: str | None = None
+    lag_seconds: int | None = None
+    errors: list[str] = field(default_factory=list)
+
+    JSON_KEYS = {  # the summary's JSON keys, in their documented order
+        "requests": "requests",
+        "pages": "pages",
+        "new": "new",
+        "duplicates": "duplicates",
+        "quarantined": "quarantined",
+        "conflicts": "conflicts",
+        "throttled": "throttled",
+        "retries": "retries",
+        "checks": "checks",
+        "check_requests": "checkRequests",
+        "repairs": "repairs",
+        "discrepancies": "discrepancies",
+        "complete": "complete",
+        "position": "position",
+        "as_of": "asOf",
+        "lag_seconds": "lagSeconds",
+        "errors": "errors",
+    }
+
+    def as_dict(self) -> dict:
+        values = asdict(self)
+        return {key: values[name] for name, key in self.JSON_KEYS.items()}

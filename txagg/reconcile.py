@@ -1,0 +1,239 @@
+"""Late arrivals and repairs: compare windows of the store with the upstream's counts, bisect
+what is short, re-read small windows, and tell counts that lie from records that are missing.
+Used by sync's checks and by ``txagg verify``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from .errors import InvalidRecord
+from .models import format_instant, parse_created_at, raw_text
+from .options import SyncSummary
+from .settings import MAX_DISCREPANCIES
+from .store import Store
+from .upstream import Upstream
+
+
+class Reconciler:
+    """Compares windows of the store with the upstream's counts and re-reads what is short.
+
+    One ``limit=1`` request gives the upstream's count for a window. A shortfall is bisected
+    with more counts down to pieces of one page, which are re-read. ``budget`` (a one-item
+    list, shared down the recursion) bounds the requests, so an upstream whose ``meta`` lies
+    costs a fixed amount; what stays unexplained is recorded as a discrepancy for ``status``.
+    """
+
+    def __init__(self, store: Store, upstream: Upstream, summary: SyncSummary, page_size: int):
+        self.store = store
+        self.upstream = upstream
+        self.summary = summary
+        self.page_size = page_size
+        self.found: list[dict] = []  # the discrepancies recorded by this reconciler
+        self.unreliable: str | None = None  # why the upstream's counts proved wrong, if they did
+        # Asked before each repair step: False defers the rest of a repair to a later check
+        # (sync uses it to keep its reads fresh while a repair waits for tokens).
+        self.may_spend: Callable[[], bool] = lambda: True
+        self.deferred = False
+        self.pending: list[list[int]] = []
+
+    def reconcile(
+        self,
+        low: int,
+        high: int,
+        budget: list[int],
+        *,
+        chase: bool = True,
+        pending: list[list[int]] | None = None,
+    ) -> dict:
+        """Count [low, high] upstream and repair a shortfall. With ``chase`` False (counts known
+        to lie) a difference is only reported, never bisected or recorded again.
+
+        A repair stopped by ``may_spend`` leaves its windows still to do in ``self.pending``;
+        passed back as ``pending``, they are taken up where they stood, without counting
+        [low, high] again."""
+        self.unreliable = None
+        self.deferred = False
+        self.pending = []
+        if pending and chase:
+            self.pending = self._repair([list(window) for window in pending], budget)
+            return {"window": [format_instant(low), format_instant(high)], "resumed": True}
+        budget[0] -= 1
+        total = self.count(low, high)
+        open_, closed = self.store.count_window(low, high)
+        found = {
+            "window": [format_instant(low), format_instant(high)],
+            "upstream": total,
+            "stored": closed,
+        }
+        if total is not None and open_ <= total <= closed:
+            return found
+        if not chase:
+            found["notChased"] = "the upstream's counts have proved unreliable"
+            self.unreliable = "its counts still differ from what it serves"
+        elif total is None:
+            self.discrepancy(low, high, None, "the upstream gave no count", unreliable=True)
+        elif total > closed:
+            self.pending = self._repair([[low, high, total]], budget)
+            found["repairedTo"] = self.store.count_window(low, high)[1]
+        else:
+            self.discrepancy(
+                low, high, total, "the upstream counts fewer than the store holds", unreliable=True
+            )
+        return found
+
+    def count(self, start: int, end: int) -> int | None:
+        """The upstream's count for [start, end]; whatever records the answer carries (an
+        upstream may ignore ``limit``) are stored like any others."""
+        answer = self.upstream.fetch(start, end, 1, 1)
+        if answer.items:
+            self.summary.add_ingest(self.store.ingest(answer.items))
+        return answer.total
+
+    def split_point(self, start: int, end: int, total: int) -> int | None:
+        """Where to cut [start, end] in two, or None when it is small enough to read whole."""
+        if total <= self.page_size:
+            return None
+        middle = self.store.clear_second(start + (end - start) // 2, floor=start, ceiling=end)
+        return middle if start < middle < end else None
+
+    def halves(
+        self, start: int, middle: int, end: int, total: int, budget: list[int]
+    ) -> list[tuple[int, int, int]] | None:
+        """Count both halves of [start, end]; None (a discrepancy recorded) when they do not
+        add up to the whole. A record the store does not know may sit exactly on the cut, left
+        out of both halves by an upstream with exclusive bounds: so a second cut is tried one
+        second earlier before the counts are called unreliable."""
+        for _cut in range(2):
+            if not self.may_spend():
+                self.deferred = True
+                return None
+            if budget[0] < 2:
+                self.discrepancy(start, end, total, "repair budget spent")
+                return None
+            budget[0] -= 2
+            left, right = self.count(start, middle), self.count(middle, end)
+            if left is None or right is None:
+                self.discrepancy(start, end, total, "the upstream gave no count", unreliable=True)
+                return None
+            if left + right > total + max(2, total // 50):
+                # Halves that hold more than the whole: no late arrival explains that much.
+                self.discrepancy(
+                    start, end, total, "the upstream's halves count more than the whole",
+                    unreliable=True,
+                )
+                return None
+            if left + right + self.store.count_window(middle, middle)[1] >= total:
+                return [(start, middle, left), (middle, end, right)]
+            middle = self.store.clear_second(middle - 1000, floor=start, ceiling=end)
+            if not start < middle < end:
+                break
+        self.discrepancy(start, end, total, "the upstream's counts do not add up", unreliable=True)
+        return None
+
+    def _repair(self, pending: list[list[int]], budget: list[int]) -> list[list[int]]:
+        """Bisect and re-read the windows ``[start, end, upstream count]`` still short, oldest
+        first; returns those left when ``may_spend`` says stop (none when done or budget out)."""
+        while pending:
+            start, end, total = pending.pop()
+            if total <= self.store.count_window(start, end)[1]:
+                continue
+            if not self.may_spend():
+                self.deferred = True
+                return pending + [[start, end, total]]
+            middle = self.split_point(start, end, total)
+            if middle is None or self._rereading_is_cheaper(start, end, total, budget):
+                if not self.reread(start, end, total, budget):
+                    return pending + [[start, end, total]]
+                continue
+            halves = self.halves(start, middle, end, total, budget)
+            if halves is None:
+                if self.deferred:
+                    return pending + [[start, end, total]]
+                continue
+            for low, high, half in reversed(halves):
+                if half > self.store.count_window(low, high)[1]:
+                    pending.append([low, high, half])
+        return []
+
+    def _rereading_is_cheaper(self, start: int, end: int, total: int, budget: list[int]) -> bool:
+        """Bisecting finds one missing record in about 2 log2(pages) + 1 requests; many missing
+        records in a few pages are found sooner by reading those pages again."""
+        pages = -(-total // self.page_size)
+        if pages > budget[0]:
+            return False
+        missing = total - self.store.count_window(start, end)[1]
+        return pages <= missing * (2 * math.ceil(math.log2(pages)) + 1)
+
+    def reread(self, start: int, end: int, total: int, budget: list[int]) -> bool:
+        """Read a small window again; record a discrepancy only for what stays unexplained.
+
+        A record whose createdAt is unusable has no place in any window of the store, so the
+        store's count alone would always come up short where one stands. Having just been
+        served ``total`` distinct records that may belong here (and stored every valid one),
+        nothing in this window can be missing. Returns False when ``may_spend`` stopped it.
+        """
+        self.summary.repairs += 1
+        served: set[str] = set()
+        undated: set[str] = set()
+        page = 1
+        while budget[0] > 0:
+            if not self.may_spend():
+                self.deferred = True
+                return False
+            budget[0] -= 1
+            result = self.upstream.fetch(start, end, page, self.page_size)
+            inside, no_date = _keys_inside(result.items, start, end)
+            served.update(inside)
+            undated.update(no_date)
+            self.summary.add_ingest(self.store.ingest(result.items))
+            self.summary.pages += 1
+            if len(result.items) < self.page_size:
+                break
+            page += 1
+        stored = self.store.count_window(start, end)[1]
+        if stored >= total:
+            return True
+        if len(served) < total:
+            self.discrepancy(start, end, total, "still short after re-reading", unreliable=True)
+        elif undated and stored + len(undated) == total:
+            # Explained by records whose createdAt is unusable: from now on they count in this
+            # window, so later checks find it complete instead of bisecting down to it again.
+            self.store.place_quarantined(sorted(undated), start)
+        return True
+
+    def discrepancy(
+        self, start: int, end: int, total: int | None, why: str, *, unreliable: bool = False
+    ) -> dict:
+        if unreliable:
+            self.unreliable = why
+        self.summary.discrepancies += 1
+        found = {
+            "window": [format_instant(start), format_instant(end)],
+            "upstream": total,
+            "stored": self.store.count_window(start, end)[1],
+            "why": why,
+            "at": format_instant(self.upstream.now_ms()),
+        }
+        recorded = self.store.state_value("discrepancies", [])
+        self.store.put_state(discrepancies=(recorded + [found])[-MAX_DISCREPANCIES:])
+        self.found.append(found)
+        return found
+
+
+def _keys_inside(items: list, start: int, end: int) -> tuple[set[str], set[str]]:
+    """The distinct records of a page that may stand in [start, end] (those dated inside it and
+    those whose date is unusable; ones returned from outside the window are left out), and
+    among them the ones whose date is unusable, as the quarantine keeps their text."""
+    keys, undated = set(), set()
+    for item in items:
+        try:
+            moment = parse_created_at(item.get("createdAt") if isinstance(item, dict) else None)
+        except InvalidRecord:
+            moment = None
+        if moment is None:
+            undated.add(raw_text(item))
+            keys.add(raw_text(item))
+        elif start <= moment <= end:
+            keys.add(raw_text(item))
+    return keys, undated
