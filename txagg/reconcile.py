@@ -10,7 +10,7 @@ from collections.abc import Callable
 from .errors import InvalidRecord
 from .models import format_instant, parse_created_at, raw_text
 from .options import SyncSummary
-from .settings import MAX_DISCREPANCIES
+from .settings import MAX_DISCREPANCIES, REREAD_WAIT_TOKENS
 from .store import Store
 from .upstream import Upstream
 
@@ -34,6 +34,11 @@ class Reconciler:
         # Asked before each repair step: False defers the rest of a repair to a later check
         # (sync uses it to keep its reads fresh while a repair waits for tokens).
         self.may_spend: Callable[[], bool] = lambda: True
+        # How many requests a repair may send now without waiting: a re-read is started only
+        # when it can finish with at most REREAD_WAIT_TOKENS more (a re-read cut short is read
+        # again from its first page), and once started it only stops for ``may_go_on``.
+        self.spendable: Callable[[], float] = lambda: math.inf
+        self.may_go_on: Callable[[], bool] = lambda: True
         self.deferred = False
         self.pending: list[list[int]] = []
 
@@ -160,7 +165,7 @@ class Reconciler:
         """Bisecting finds one missing record in about 2 log2(pages) + 1 requests; many missing
         records in a few pages are found sooner by reading those pages again."""
         pages = -(-total // self.page_size)
-        if pages > budget[0]:
+        if pages > budget[0] or pages > self.spendable() + REREAD_WAIT_TOKENS:
             return False
         missing = total - self.store.count_window(start, end)[1]
         return pages <= missing * (2 * math.ceil(math.log2(pages)) + 1)
@@ -178,7 +183,7 @@ class Reconciler:
         undated: set[str] = set()
         page = 1
         while budget[0] > 0:
-            if not self.may_spend():
+            if not (self.may_spend() if page == 1 else self.may_go_on()):
                 self.deferred = True
                 return False
             budget[0] -= 1

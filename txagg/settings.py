@@ -29,6 +29,7 @@ BACKOFF_MAX = 60.0
 MAX_REPAIR_REQUESTS = 20  # per check: bounds what a lying upstream can cost
 MAX_DISCREPANCIES = 20  # the newest ones kept for status
 MAX_UNRELIABLE_BACKOFF = 3600.0  # seconds: the longest pause in chasing counts that lie
+REREAD_WAIT_TOKENS = 2  # a repair's re-read may wait for this many tokens beyond spare ones
 
 # ---------------------------------------------------------------- what an answer may be
 

@@ -21,6 +21,7 @@ How a run reads (see docs/design.md for the reasoning):
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -77,7 +78,9 @@ class Syncer:
         self.upstream = Upstream(store, options, self.summary, self.pause, transport, clock)
         self.following = False
         self.reconciler = Reconciler(store, self.upstream, self.summary, options.page_size)
-        self.reconciler.may_spend = self._fresh_enough
+        self.reconciler.may_spend = self._spare_and_fresh
+        self.reconciler.may_go_on = self._fresh_enough
+        self.reconciler.spendable = lambda: self._spare_tokens() if self.following else math.inf
 
     def close(self) -> None:
         self.upstream.close()
@@ -86,11 +89,15 @@ class Syncer:
         if self.stop.wait(seconds):
             raise SyncStopped()
 
+    def _spare_and_fresh(self) -> bool:
+        """Following, a repair never holds back the next poll: each of its steps starts only
+        when a token is spare beyond the one the next poll needs, and while the store is less
+        than half the freshness promise (a minute) behind. What it leaves, later checks take up
+        where it stood (the windows still to repair are saved). A run that is not following has
+        no later read to hold back: it repairs within its request budget."""
+        return self._fresh_enough() and (not self.following or self._spare_tokens() >= 1)
+
     def _fresh_enough(self) -> bool:
-        """Following, a repair that waits for tokens holds back the next poll: it goes on only
-        while the store is less than half the freshness promise (a minute) behind, and leaves
-        the rest to later checks (the windows still to repair are saved). A run that is not
-        following has no later read to hold back: it repairs within its request budget."""
         if not self.following:
             return True
         as_of = self.store.state_value("as_of")
