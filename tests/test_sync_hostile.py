@@ -406,3 +406,33 @@ def test_late_arrivals_are_found_within_a_minute_when_the_budget_is_idle(tmp_pat
     assert len(delays) == len(late), (delays, summary)
     assert delays[-1] <= 60, delays
     assert summary.checks >= 700 / 60, summary  # more often than once every 120 s
+def test_an_explained_undated_record_costs_later_checks_nothing(tmp_path):
+    """A record with an unusable createdAt is bisected down to once; once explained, it has a
+    place, and the next checks find the window complete in one count request."""
+    import httpx
+    from conftest import FakeUpstream
+
+    base = 1_700_000_000
+    items = [(f"tx{n}", (base + n) * 1000, base + n) for n in range(60)]
+    clock = FakeClock(base + 200)
+    upstream = FakeUpstream(items, clock, True, True, broken={"tx37"})
+    options = sync_options(
+        "http://upstream.test", since=base * 1000, overlap=300, check_every=0, page_size=10
+    )
+    with Store.open(tmp_path / "store.db") as store:
+        costs = []
+        for _ in range(3):
+            syncer = Syncer(
+                store, options, transport=httpx.MockTransport(upstream.handle), clock=clock,
+                sleep=clock.sleep,
+            )  # fmt: skip
+            summary = syncer.run()
+            syncer.close()
+            costs.append(summary.check_requests)
+            clock.sleep(10)
+        assert store.counters()["transactions"] == 59 and store.counters()["quarantined"] == 1
+        placed = store.conn.execute("SELECT created_at FROM quarantine").fetchone()[0]
+        assert placed is not None and (base - 1) * 1000 <= placed <= (base + 37) * 1000
+        assert not store.state_value("discrepancies")
+    assert costs[0] > 1, costs  # the first check bisects down to the undated record
+    assert costs[1:] == [1, 1], costs  # then one count each: the window adds up
