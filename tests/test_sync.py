@@ -12,10 +12,10 @@ import httpx
 from conftest import START, peek, txagg_command, wait_for
 
 from txagg.models import loads
-from txagg.report import payouts_report, user_report
+from txagg.report import payouts_report
 from txagg.store import Store
 from txagg.sync import Syncer, sync
-from txagg.testing import sync_options
+from txagg.testing import differing_users, ground_truth, sync_options
 
 UNLIMITED = dict(rate_limit=100_000, per=1)
 
@@ -24,10 +24,8 @@ options = sync_options
 
 
 def assert_exact(store: Store, url: str) -> None:
-    truth = loads(httpx.get(url + "/users", timeout=30).content)["items"]
-    for expected in truth:
-        got = user_report(store, expected["userId"])
-        assert {**got, "asOf": None} == {**expected, "asOf": None}
+    truth = ground_truth(url)
+    assert differing_users(store, truth) == []
     payouts = loads(httpx.get(url + "/payouts", timeout=30).content)["items"]
     assert payouts_report(store)["items"] == payouts
     assert store.counters()["transactions"] == sum(u["transactions"] for u in truth)

@@ -4,6 +4,7 @@ answer parsed into a ``Page`` of records and the upstream's count."""
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import math
@@ -176,7 +177,7 @@ class Upstream:
 
     def _deadline(self):
         if self.bounded is None:  # a transport given by the caller (tests): its own bounds
-            return _no_deadline()
+            return contextlib.nullcontext()
         return self.bounded.deadline(self.options.timeout)
 
     def _answer(self, response: httpx.Response) -> Page:
@@ -184,7 +185,8 @@ class Upstream:
             default = self.options.per / self.options.rate_limit
             retry_after = parse_retry_after(response.headers.get("Retry-After"), default)
             self.summary.throttled += 1
-            self.store.block_until(self.clock() + retry_after, self.clock())
+            now = self.clock()
+            self.store.block_until(now + retry_after, now)
             raise Throttled(retry_after)
         if response.status_code >= 500:
             raise TransientError(f"HTTP {response.status_code}")
@@ -203,14 +205,6 @@ class Upstream:
         except BodyError as error:
             raise TransientError(str(error)) from None
         return _parse_page(content)
-
-
-class _no_deadline:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _parse_page(content: bytes) -> Page:
