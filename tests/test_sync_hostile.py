@@ -29,11 +29,12 @@ from txagg.models import dumps, format_timestamp, parse_time
 from txagg.report import status_report
 from txagg.store import MAX_BLOCK_SECONDS, Store
 from txagg.sync import MAX_RESPONSE_BYTES, Syncer, UpstreamError, sync
+from txagg.verify import verify
 
 # ------------------------------------------------------------------ what answers carry
 
 
-def test_records_on_count_answers_are_stored(scripted, store):
+def test_records_on_count_answers_are_stored(scripted, store, tmp_path):
     """An upstream that ignores limit=1 serves real records on the counts: all are kept."""
     items = [record(n, at_s=n) for n in range(3)]
 
@@ -42,9 +43,17 @@ def test_records_on_count_answers_are_stored(scripted, store):
         return page(items if query["limit"] == "1" else [], total=len(items))
 
     server = scripted([answer])
-    summary = sync(store, sync_options(server.url, check_every=0))
+    summary = sync(store, sync_options(server.url))
+    assert "transactions" not in store.counters()  # the pages were empty
+    report = verify(store, sync_options(server.url))  # verify counts with limit=1
     assert store.counters()["transactions"] == 3
-    assert summary.new == 3 and summary.discrepancies == 0
+    assert summary.new == 0 and report.discrepancies == []
+    # so do sync's checks once the counts are distrusted (each is a limit=1 count then)
+    with Store.open(tmp_path / "distrusting.db") as other:
+        distrust = {"since": "x", "why": "y", "strikes": 1, "retryAt": "z", "retryAtMs": 2**62}
+        other.put_state(counts_unreliable=distrust)
+        sync(other, sync_options(server.url, check_every=0))
+        assert other.counters()["transactions"] == 3
 
 
 LIAR_POOL = [record(n, at_s=n * 7) for n in range(40)]
@@ -406,6 +415,8 @@ def test_late_arrivals_are_found_within_a_minute_when_the_budget_is_idle(tmp_pat
     assert len(delays) == len(late), (delays, summary)
     assert delays[-1] <= 60, delays
     assert summary.checks >= 700 / 60, summary  # more often than once every 120 s
+
+
 def test_an_explained_undated_record_costs_later_checks_nothing(tmp_path):
     """A record with an unusable createdAt is bisected down to once; once explained, it has a
     place, and the next checks find the window complete in one count request."""

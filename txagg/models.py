@@ -31,7 +31,6 @@ MAX_INSTANT_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 MAX_TIME_TEXT = 40  # characters of a date/time text: longer ones are refused unread
 
 
-
 @dataclass(frozen=True, slots=True)
 class Transaction:
     id: str
@@ -282,9 +281,13 @@ def _raw(value: object, depth: int) -> str:
     if isinstance(value, (dict, list)) and depth <= 0:
         return '"..."'
     if isinstance(value, dict):
-        return "{" + ", ".join(
-            f"{json.dumps(str(key))}: {_raw(item, depth - 1)}" for key, item in value.items()
-        ) + "}"
+        return (
+            "{"
+            + ", ".join(
+                f"{json.dumps(str(key))}: {_raw(item, depth - 1)}" for key, item in value.items()
+            )
+            + "}"
+        )
     if isinstance(value, list):
         return "[" + ", ".join(_raw(item, depth - 1) for item in value) + "]"
     if isinstance(value, Decimal):
@@ -311,4 +314,3 @@ def dumps(value: object) -> str:
     if isinstance(value, float):
         raise TypeError("binary floats are not allowed in txagg output; use Decimal")
     return json.dumps(value)
-

@@ -12,7 +12,9 @@ from .models import format_instant, parse_created_at, raw_text
 from .options import SyncSummary
 from .settings import MAX_DISCREPANCIES, REREAD_WAIT_TOKENS
 from .store import Store
-from .upstream import Upstream
+from .upstream import Page, Upstream
+
+COUNT = "count"  # a window to search by counting its halves (see Reconciler._repair)
 
 
 class Reconciler:
@@ -41,6 +43,7 @@ class Reconciler:
         self.may_go_on: Callable[[], bool] = lambda: True
         self.deferred = False
         self.pending: list[list[int]] = []
+        self.arrived: list[int] = []  # createdAt of each record the reconciler stored
 
     def reconcile(
         self,
@@ -50,13 +53,15 @@ class Reconciler:
         *,
         chase: bool = True,
         pending: list[list[int]] | None = None,
+        likely_age: int | None = None,
     ) -> dict:
         """Count [low, high] upstream and repair a shortfall. With ``chase`` False (counts known
         to lie) a difference is only reported, never bisected or recorded again.
 
         A repair stopped by ``may_spend`` leaves its windows still to do in ``self.pending``;
         passed back as ``pending``, they are taken up where they stood, without counting
-        [low, high] again."""
+        [low, high] again. ``likely_age`` (ms before ``high``) is where missing records have
+        tended to be: the count comes with the page there, the search's first probe."""
         self.unreliable = None
         self.deferred = False
         self.pending = []
@@ -64,13 +69,25 @@ class Reconciler:
             self.pending = self._repair([list(window) for window in pending], budget)
             return {"window": [format_instant(low), format_instant(high)], "resumed": True}
         budget[0] -= 1
-        total = self.count(low, high)
+        before = self.store.count_window(low, high)[1]
+        if chase:
+            # The count comes with the middle page of the window: where the counts differ,
+            # that page is the search's first probe (see ``probe``).
+            page = self._middle_page(before)
+            if likely_age is not None and low < high - likely_age < high:
+                page = self.store.count_window(low, high - likely_age)[1] // self.page_size + 1
+            answer = self._read(low, high, page, counting=True)
+            total = answer.total
+        else:
+            total = self.count(low, high)
         open_, closed = self.store.count_window(low, high)
         found = {
             "window": [format_instant(low), format_instant(high)],
             "upstream": total,
-            "stored": closed,
+            "stored": before,
         }
+        if closed > before:
+            found["repairedTo"] = closed  # late arrivals on the count's own page
         if total is not None and open_ <= total <= closed:
             return found
         if not chase:
@@ -79,7 +96,8 @@ class Reconciler:
         elif total is None:
             self.discrepancy(low, high, None, "the upstream gave no count", unreliable=True)
         elif total > closed:
-            self.pending = self._repair([[low, high, total]], budget)
+            sides = self._sides(low, high, page, answer, total)
+            self.pending = self._repair(list(reversed(sides)), budget)
             found["repairedTo"] = self.store.count_window(low, high)[1]
         else:
             self.discrepancy(
@@ -91,9 +109,14 @@ class Reconciler:
         """The upstream's count for [start, end]; whatever records the answer carries (an
         upstream may ignore ``limit``) are stored like any others."""
         answer = self.upstream.fetch(start, end, 1, 1)
-        if answer.items:
-            self.summary.add_ingest(self.store.ingest(answer.items))
+        self._store(answer.items)
         return answer.total
+
+    def _store(self, items: list) -> None:
+        if items:
+            ingested = self.store.ingest(items)
+            self.summary.add_ingest(ingested)
+            self.arrived.extend(ingested.new_created_at)
 
     def split_point(self, start: int, end: int, total: int) -> int | None:
         """Where to cut [start, end] in two, or None when it is small enough to read whole."""
@@ -124,7 +147,10 @@ class Reconciler:
             if left + right > total + max(2, total // 50):
                 # Halves that hold more than the whole: no late arrival explains that much.
                 self.discrepancy(
-                    start, end, total, "the upstream's halves count more than the whole",
+                    start,
+                    end,
+                    total,
+                    "the upstream's halves count more than the whole",
                     unreliable=True,
                 )
                 return None
@@ -136,39 +162,123 @@ class Reconciler:
         self.discrepancy(start, end, total, "the upstream's counts do not add up", unreliable=True)
         return None
 
-    def _repair(self, pending: list[list[int]], budget: list[int]) -> list[list[int]]:
-        """Bisect and re-read the windows ``[start, end, upstream count]`` still short, oldest
-        first; returns those left when ``may_spend`` says stop (none when done or budget out)."""
+    def _repair(self, pending: list[list], budget: list[int]) -> list[list]:
+        """Search and re-read the windows ``[start, end, upstream count(, how)]`` still short,
+        oldest first; returns those left when ``may_spend`` says stop (none when done or the
+        budget is out). A window is searched with page probes (``probe``) unless ``how`` is
+        "count": then with a count of each half (``halves``), the way that needs no
+        assumption about the upstream's order."""
         while pending:
-            start, end, total = pending.pop()
+            window = pending.pop()
+            start, end, total = window[:3]
             if total <= self.store.count_window(start, end)[1]:
                 continue
             if not self.may_spend():
                 self.deferred = True
-                return pending + [[start, end, total]]
+                return pending + [window]
+            counted = len(window) > 3 and window[3] == COUNT
             middle = self.split_point(start, end, total)
             if middle is None or self._rereading_is_cheaper(start, end, total, budget):
                 if not self.reread(start, end, total, budget):
-                    return pending + [[start, end, total]]
+                    return pending + [window]
+                continue
+            if not counted:
+                if budget[0] < 1:
+                    self.discrepancy(start, end, total, "repair budget spent")
+                    continue
+                pending.extend(reversed(self.probe(start, end, total, budget)))
                 continue
             halves = self.halves(start, middle, end, total, budget)
             if halves is None:
                 if self.deferred:
-                    return pending + [[start, end, total]]
+                    return pending + [window]
                 continue
             for low, high, half in reversed(halves):
                 if half > self.store.count_window(low, high)[1]:
-                    pending.append([low, high, half])
+                    pending.append([low, high, half, COUNT])
         return []
 
+    def probe(self, start: int, end: int, total: int, budget: list[int]) -> list[list]:
+        """Read the middle page of [start, end] and tell from it on which side of that page
+        the missing records lie: one request, where a bisection step costs two counts.
+
+        The upstream lists a window in createdAt order, so exactly ``(page - 1) * limit`` of its
+        records come before the page (all dated at or before the page's first record) and the
+        rest after it. Compared with what the store holds on each side, that says how many are
+        missing there; the page itself is stored, so a record on it is found at once. The sides
+        go back as windows to search, each with the count it should reach; their own probes
+        then count them for real, so a wrong guess (records sharing a millisecond across the
+        page's edge) costs a request, never a record: what the probes cannot place is
+        searched by counting halves."""
+        budget[0] -= 1
+        page = self._middle_page(total)
+        answer = self._read(start, end, page)
+        real = answer.total
+        if real is None:
+            self.discrepancy(start, end, None, "the upstream gave no count", unreliable=True)
+            return []
+        if real > total + max(2, total // 50):
+            self.discrepancy(
+                start,
+                end,
+                real,
+                "the upstream counts more in a window than its parent",
+                unreliable=True,
+            )
+            return []
+        if real <= self.store.count_window(start, end)[1]:
+            return []
+        return self._sides(start, end, page, answer, real)
+
+    def _middle_page(self, records: int) -> int:
+        return max(1, (-(-records // self.page_size) + 1) // 2)
+
+    def _read(self, start: int, end: int, page: int, counting: bool = False) -> Page:
+        """A page of [start, end], stored; ``counting``: read for its count (not a page read)."""
+        answer = self.upstream.fetch(start, end, page, self.page_size)
+        self._store(answer.items)
+        self.summary.pages += not counting
+        return answer
+
+    def _sides(self, start: int, end: int, page: int, answer: Page, real: int) -> list[list]:
+        """The windows on either side of a page of [start, end] that still miss records, each
+        with the count it should reach; [start, end] to count by halves if they cannot be told."""
+        if page == 1 and len(answer.items) < self.page_size:
+            # The page held the whole window: nothing more to read, only to judge.
+            self.summary.repairs += 1
+            self._judge(start, end, real, *_keys_inside(answer.items, start, end))
+            return []
+        dated = sorted(_dates_inside(answer.items, start, end))
+        if not dated:
+            return [[start, end, real, COUNT]]
+        first, last = dated[0], dated[-1]
+        ahead = (page - 1) * self.page_size
+        behind = real - ahead - len(answer.items)
+        held_ahead = self.store.count_window(start, first)[1] - dated.count(first)
+        held_behind = self.store.count_window(last, end)[1] - dated.count(last)
+        sides = []
+        if ahead > held_ahead:
+            cut = self.store.clear_second(first + 1000, floor=first, ceiling=end)
+            if start < cut < end:
+                sides.append(
+                    [start, cut, self.store.count_window(start, cut)[1] + ahead - held_ahead]
+                )
+        if behind > held_behind:
+            cut = self.store.clear_second(last, floor=start, ceiling=last + 1)
+            if start < cut < end:
+                sides.append(
+                    [cut, end, self.store.count_window(cut, end)[1] + behind - held_behind]
+                )
+        return sides or [[start, end, real, COUNT]]
+
     def _rereading_is_cheaper(self, start: int, end: int, total: int, budget: list[int]) -> bool:
-        """Bisecting finds one missing record in about 2 log2(pages) + 1 requests; many missing
-        records in a few pages are found sooner by reading those pages again."""
+        """A probe finds one missing record in about log2(pages) requests, and often at once;
+        many missing records in a few pages are found sooner by reading those pages again."""
         pages = -(-total // self.page_size)
         if pages > budget[0] or pages > self.spendable() + REREAD_WAIT_TOKENS:
             return False
         missing = total - self.store.count_window(start, end)[1]
-        return pages <= missing * (2 * math.ceil(math.log2(pages)) + 1)
+        return pages <= missing
 
     def reread(self, start: int, end: int, total: int, budget: list[int]) -> bool:
         """Read a small window again; record a discrepancy only for what stays unexplained.
@@ -191,21 +301,25 @@ class Reconciler:
             inside, no_date = _keys_inside(result.items, start, end)
             served.update(inside)
             undated.update(no_date)
-            self.summary.add_ingest(self.store.ingest(result.items))
+            self._store(result.items)
             self.summary.pages += 1
             if len(result.items) < self.page_size:
                 break
             page += 1
+        self._judge(start, end, total, served, undated)
+        return True
+
+    def _judge(self, start: int, end: int, total: int, served: set, undated: set) -> None:
+        """After reading all of [start, end]: a discrepancy for what stays unexplained."""
         stored = self.store.count_window(start, end)[1]
         if stored >= total:
-            return True
+            return
         if len(served) < total:
             self.discrepancy(start, end, total, "still short after re-reading", unreliable=True)
         elif undated and stored + len(undated) == total:
             # Explained by records whose createdAt is unusable: from now on they count in this
             # window, so later checks find it complete instead of bisecting down to it again.
             self.store.place_quarantined(sorted(undated), start)
-        return True
 
     def discrepancy(
         self, start: int, end: int, total: int | None, why: str, *, unreliable: bool = False
@@ -224,6 +338,19 @@ class Reconciler:
         self.store.put_state(discrepancies=(recorded + [found])[-MAX_DISCREPANCIES:])
         self.found.append(found)
         return found
+
+
+def _dates_inside(items: list, start: int, end: int) -> list[int]:
+    """The createdAt (ms) of each record of a page dated inside [start, end]."""
+    dates = []
+    for item in items:
+        try:
+            moment = parse_created_at(item.get("createdAt") if isinstance(item, dict) else None)
+        except InvalidRecord:
+            continue
+        if moment is not None and start <= moment <= end:
+            dates.append(moment)
+    return dates
 
 
 def _keys_inside(items: list, start: int, end: int) -> tuple[set[str], set[str]]:

@@ -139,8 +139,6 @@ def status_report(
     }
 
 
-
-
 def _load(store: Store, as_of: int | None, rate: int, per: float) -> dict:
     """The upstream's recent load next to what the budget can read: where sync falls behind.
 

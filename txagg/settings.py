@@ -29,6 +29,8 @@ BACKOFF_MAX = 60.0
 MAX_REPAIR_REQUESTS = 20  # per check: bounds what a lying upstream can cost
 MAX_DISCREPANCIES = 20  # the newest ones kept for status
 MAX_UNRELIABLE_BACKOFF = 3600.0  # seconds: the longest pause in chasing counts that lie
+LATE_AGES_KEPT = 32  # how far behind the newest read the last late arrivals were found ...
+LATE_AGES_NEEDED = 3  # ... and how many before a check's first look goes by them
 REREAD_WAIT_TOKENS = 2  # a repair's re-read may wait for this many tokens beyond spare ones
 
 # ---------------------------------------------------------------- what an answer may be

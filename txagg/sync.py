@@ -10,10 +10,12 @@ How a run reads (see docs/design.md for the reasoning):
   the items it has not shown yet are exactly the ones after that offset. A short or empty page
   ends the window: the position becomes ``E`` and the next window starts there. ``meta`` never
   ends a window; in ``--follow`` it only tells whether to ask for the next page now or later.
-* Late arrivals: a check counts ``[verified_until or position - overlap, position]`` with one
-  ``limit=1`` request; a shortfall is repaired by ``reconcile.Reconciler``. Checks run every
-  ``check_every`` seconds, sooner while the budget is idle; following, a repair never holds
-  back a poll and is taken up by later checks where it stopped.
+* Late arrivals: a check counts ``[verified_until or as_of - overlap, as_of]`` with one
+  request, which reads the window's page where late arrivals have tended to be; a shortfall is
+  searched for and repaired by ``reconcile.Reconciler``. Checks run every ``check_every``
+  seconds, sooner while the budget is idle or as soon as a page shows a late arrival (it
+  repeats records they pushed along); following, a repair never holds back a poll and is
+  taken up by later checks where it stopped.
 * Every request goes through ``upstream.Upstream``: a token from the rate budget kept in the
   store, shared by every process on it (a 429 blocks them all), bounded time and size, retries.
 """
@@ -40,6 +42,8 @@ from .models import format_instant
 from .options import SyncOptions, SyncSummary
 from .reconcile import Reconciler
 from .settings import (  # noqa: F401 (PAGE_SIZE, MAX_RESPONSE_BYTES re-exported)
+    LATE_AGES_KEPT,
+    LATE_AGES_NEEDED,
     MAX_RESPONSE_BYTES,
     MAX_UNRELIABLE_BACKOFF,
     PAGE_SIZE,
@@ -77,6 +81,7 @@ class Syncer:
         self.pause = sleep or self._sleep
         self.upstream = Upstream(store, options, self.summary, self.pause, transport, clock)
         self.following = False
+        self.late_seen = False  # a page repeated records: some arrived late before it
         self.reconciler = Reconciler(store, self.upstream, self.summary, options.page_size)
         self.reconciler.may_spend = self._spare_and_fresh
         self.reconciler.may_go_on = self._fresh_enough
@@ -139,6 +144,10 @@ class Syncer:
             full = len(result.items) >= limit
             next_cursor = partial(_next_cursor, full, start, page, as_of, end)
             ingested = self.store.ingest(result.items, state=next_cursor)
+            if page > 1 and ingested.duplicates:
+                # Page k of a window starts where the pages before it ended, unless records
+                # were inserted before it since: what it repeats is what they pushed along.
+                self.late_seen = True
             self.summary.pages += 1
             self.summary.add_ingest(ingested)
             self.on_page(self.summary)
@@ -166,8 +175,9 @@ class Syncer:
             return True
         if elapsed < min(options.check_every, options.per / options.rate_limit):
             return False
-        if self.store.state_value("repair_pending"):
-            return self._spare_tokens() >= 1  # a repair under way goes on with any spare token
+        if self.late_seen or self.store.state_value("repair_pending"):
+            # A repair under way, or a page that showed a late arrival: any spare token.
+            return self._spare_tokens() >= 1
         # Early only with the bucket about full: the check's count, a repair's first steps and
         # the next poll's token all fit in it.
         tokens = self._spare_tokens() + 1 + TOKEN_MARGIN
@@ -180,18 +190,20 @@ class Syncer:
         return tokens - 1 - TOKEN_MARGIN
 
     def check(self) -> dict:
-        """Reconcile what late arrivals may still change: [verified_until or position - overlap,
-        position]. A window counts as verified once a check ran ``overlap`` after its end,
-        when every late arrival the contract allows is visible."""
-        _start, _page, position, _as_of = self._cursor()
+        """Reconcile what late arrivals may still change: [verified_until or as_of - overlap,
+        as_of], ``as_of`` being where everything before has been read (within a window still
+        being paged, too: a check need not wait for the window to end). A window counts as
+        verified once a check ran ``overlap`` after its end, when every late arrival the
+        contract allows is visible."""
+        _start, _page, _position, as_of = self._cursor()
         now_ms = self._now_ms()
         overlap_ms = int(self.options.overlap * 1000)
         verified = self.store.state_value("verified_until", self.options.since)
-        low = max(self.options.since, min(verified, position - overlap_ms))
+        low = max(self.options.since, min(verified, as_of - overlap_ms))
         low = self.store.clear_second(low)
         # The top bound moves down a few seconds at most: what it leaves out waits for the
         # next check, which starts at or below it anyway.
-        high = self.store.clear_second(position, floor=max(low, position - 3000))
+        high = self.store.clear_second(as_of, floor=max(low, as_of - 3000))
         found: dict = {"at": format_instant(now_ms)}
         if high > low:
             self.summary.checks += 1
@@ -200,12 +212,21 @@ class Syncer:
             budget = [self.options.max_repair_requests]
             before = self.summary.requests
             pending = self.store.state_value("repair_pending")
+            ages = self.store.state_value("late_ages") or []
+            likely = sorted(ages)[len(ages) // 2] if len(ages) >= LATE_AGES_NEEDED else None
+            self.reconciler.arrived = []
             try:
                 found.update(
-                    self.reconciler.reconcile(low, high, budget, chase=chase, pending=pending)
+                    self.reconciler.reconcile(
+                        low, high, budget, chase=chase, pending=pending, likely_age=likely
+                    )
                 )
             finally:
                 self.summary.check_requests += self.summary.requests - before
+                found_ages = [high - at for at in self.reconciler.arrived if low <= at <= high]
+                if found_ages:
+                    self.store.put_state(late_ages=(ages + found_ages)[-LATE_AGES_KEPT:])
+            self.late_seen = self.late_seen and bool(found.get("resumed"))
             self._judge_counts(distrust, chase, now_ms)
             if self.reconciler.pending:
                 # Not verified past what is still to repair: the next checks take it up.

@@ -197,8 +197,7 @@ class Upstream:
             except BodyError:
                 text = ""
             raise UpstreamError(
-                f"the upstream refused {response.request.url}: HTTP {response.status_code} "
-                f"{text}"
+                f"the upstream refused {response.request.url}: HTTP {response.status_code} {text}"
             )
         try:
             content = read_body(response, self.options.max_response_bytes)

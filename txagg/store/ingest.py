@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DamagedStore
@@ -113,10 +113,12 @@ class IngestCounts:
 
 @dataclass
 class IngestResult(IngestCounts):
-    """One page's ingest: the counts, the users it added and its latest createdAt."""
+    """One page's ingest: the counts, the users it added, its latest createdAt and the
+    createdAt of each transaction it added."""
 
     new_users: int = 0
     max_created_at: int | None = None
+    new_created_at: list[int] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- totals and their limits
@@ -151,9 +153,9 @@ def check_user_row(path: Path, row: tuple) -> None:
         ("payout total", MAX_TOTAL_CENTS),
         ("transaction count", MAX_USER_TRANSACTIONS),
     )
-    for (field, top), value in zip(limits, row[1:5], strict=True):
+    for (name, top), value in zip(limits, row[1:5], strict=True):
         if type(value) is not int or not 0 <= value <= top:
-            raise DamagedStore(path, user_id, field, value)
+            raise DamagedStore(path, user_id, name, value)
     raise DamagedStore(path, user_id, "last transaction time", last)
 
 
@@ -261,6 +263,8 @@ def ingest_page(
         if new:
             result.new_users, refused = insert_new(conn, path, new)
             result.new = len(new) - len(refused)
+            kept = {tx.id for tx in new} - {tx.id for tx, _reason in refused}
+            result.new_created_at = [tx.created_at for tx in new if tx.id in kept]
             invalid.extend((raw_by_id[tx.id], reason) for tx, reason in refused)
         for record, reason in invalid:
             result.quarantined += quarantine(conn, record, reason, now_ms)
