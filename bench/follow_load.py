@@ -6,7 +6,9 @@
 
 Time-scaled: with --scale 10 every duration (rate window, interval, overlap, settle, check
 cadence, timeouts) is ten times shorter and the traffic ten times denser, so 30 simulated
-minutes take 3 real ones; figures are printed in simulated time. Prints lag p50/p99/max,
+minutes take 3 real ones; the mock does its share itself (`mock-serve --time-scale`, given its
+options in simulated units), the sync's options are scaled here. Figures, and the --faults spec
+printed, are in simulated time. Prints lag p50/p99/max,
 requests used against the budget, 429s drawn, what the late-arrival checks cost, and whether
 the store ends exactly equal to the mock's ground truth. With --late-per-minute N, about N live
 transactions a (simulated) minute show up late (createdAt up to half the overlap before they
@@ -35,11 +37,13 @@ from txagg.models import loads, parse_time  # noqa: E402
 from txagg.store import Store  # noqa: E402
 from txagg.testing import differing_users  # noqa: E402
 
-# Every fault kind the mock knows, at rates a bad day might bring.
+# Every fault kind the mock knows, at rates a bad day might bring; durations in simulated
+# seconds (the mock divides them by its --time-scale): slow answers come after twice the sync's
+# 30 s timeout, late arrivals up to half its 300 s overlap late, throttles ask for 12 s.
 DEFAULT_FAULTS = (
-    "error=0.03,reset=0.01,truncate=0.01,nonjson=0.01,slow=0.01:{slow},late=0.1:{late},"
+    "error=0.03,reset=0.01,truncate=0.01,nonjson=0.01,slow=0.01:60,late=0.1:150,"
     "drift=0.05,duplicate=0.02,outside=0.02,meta=0.02,invalid=0.002,conflict=0.005,"
-    "throttle=0.02:{retry}"
+    "throttle=0.02:12"
 )
 
 
@@ -56,12 +60,9 @@ def main() -> None:
     s = args.scale
     per = 60 / s
     settle, interval, overlap, check_every, timeout = 5 / s, 30 / s, 300 / s, 120 / s, 30 / s
-    faults = args.faults
-    if faults == "default":
-        faults = DEFAULT_FAULTS.format(
-            slow=2 * timeout, late=0.5 * overlap, retry=max(1, round(12 / s))
-        )
+    faults = DEFAULT_FAULTS if args.faults == "default" else args.faults
     live_seconds = args.minutes * 60 / s
+    # The mock's options in simulated units: --time-scale makes them real.
     mock_args = [
         "--users",
         "2000",
@@ -70,17 +71,19 @@ def main() -> None:
         "--seed",
         "42",
         "--tx-per-minute",
-        str(5000 * args.load * s),
+        str(5000 * args.load),
         "--live-for",
-        str(live_seconds),
+        str(args.minutes * 60),
         "--rate-limit",
         "5",
         "--per",
-        str(per),
+        "60",
+        "--time-scale",
+        str(s),
     ] + (["--faults", faults] if faults else [])
     if args.late_per_minute:
         ratio = args.late_per_minute / (5000 * args.load)
-        mock_args += ["--late-ratio", str(ratio), "--late-max", str(0.5 * overlap)]
+        mock_args += ["--late-ratio", str(ratio), "--late-max", str(0.5 * 300)]
     sync_args = [
         "--rate-limit",
         "5",

@@ -16,7 +16,14 @@ INTRO = """# txagg command-line reference
 
 Generated from `txagg --help` by `python scripts/make_cli_reference.py`; a test fails when this
 page and the commands drift apart. Exit codes: `0` success, `1` failure (message on stderr),
-`2` bad usage, `3` no such user, `75` another sync holds the store (try again later).
+`2` bad usage (a bad `--api-url`, no upstream, or another upstream than the store's), `3` no
+such user, `4` `status --check` found the store unhealthy, `5` `verify` stopped before the end
+of its range (run it again to resume), `75` another sync holds the store (try again later),
+`130` interrupted.
+
+`sync`, `verify` and `serve --follow` have no default `--api-url`: the first `sync` binds the
+store to its upstream, later runs use that one and refuse another unless `sync --rebind`. They
+also default `--rate-limit` / `--per` to the budget the store was last synced with.
 """
 
 

@@ -10,6 +10,7 @@ from collections import defaultdict
 
 import httpx
 import pytest
+from conftest import wait_for
 
 from txagg.mock import (
     INVALID_KINDS,
@@ -450,3 +451,159 @@ def test_config_rejects_nonsense():
     with pytest.raises(ValueError, match="users"):
         MockConfig(users=0)
     json.dumps(MockConfig().__dict__)  # plain data, printable by the CLI
+
+
+def test_the_root_redirects_to_the_docs(mock):
+    for method in ("GET", "HEAD"):
+        response = mock.request(method, "/")
+        assert response.status_code == 307, method
+        assert response.headers["location"] == "/docs" and response.content == b""
+    followed = mock.get("/", follow_redirects=True)
+    assert followed.url.path == "/docs" and followed.headers["content-type"].startswith("text/")
+    operation = mock.get("/openapi.json").json()["paths"]["/"]["get"]
+    assert list(operation["responses"]) == ["307"]
+    problem_of(mock.post("/"), 405)
+
+
+# ---------------------------------------------------------------- --time-scale
+
+
+def scaled_pair(scale: float, **options) -> tuple[MockConfig, MockConfig]:
+    """The same mock twice: options in mock time at ``scale``, and scaled by hand."""
+    by_hand = {
+        "tx_per_minute": options["tx_per_minute"] * scale,
+        "per": options["per"] / scale,
+        "late_max": options["late_max"] / scale,
+        "live_for": options["live_for"] / scale,
+    }
+    common = {"users": 6, "history": 40, "start": START, "late_ratio": 0.3}
+    return (
+        MockConfig(**common, **options, time_scale=scale),
+        MockConfig(**common, **options | by_hand),
+    )
+
+
+def test_time_scale_is_the_live_options_scaled_by_hand():
+    scaled, by_hand = scaled_pair(8, tx_per_minute=30, per=60, late_max=40, live_for=600)
+    assert scaled.real_tx_per_minute == by_hand.tx_per_minute == 240
+    assert (scaled.real_per, scaled.real_late_max, scaled.real_live_for) == (7.5, 5, 75)
+    upstreams = []
+    for config in (scaled, by_hand):
+        clock = FakeClock(START / 1000)
+        upstream = MockUpstream(config, clock=clock)
+        for _ in range(20):
+            clock.now += 5  # 100 real seconds: past live_for, 300 live transactions
+            upstream.advance()
+        upstreams.append(upstream)
+    fast, slow = upstreams
+    assert fast.ledger.texts == slow.ledger.texts and fast.all_reports() == slow.all_reports()
+    assert len(fast.ledger.texts) == 40 + 300
+    assert fast.fault_report()["injected"]["late"] > 50
+
+
+def test_time_scale_leaves_the_past_and_the_data_as_they_are():
+    plain = MockUpstream(MockConfig(**DATA))
+    scaled = MockUpstream(MockConfig(**DATA, time_scale=500))
+    assert scaled.ledger.texts == plain.ledger.texts  # history, history_span, start: as given
+
+
+def test_time_scale_shortens_the_fault_durations_and_conflict_delays():
+    spec = "slow=0.5:20,late=0.1:90,throttle=0.1:12,conflict=1"
+    assert MockConfig(faults=spec).fault_settings.throttle_seconds == 12
+    settings = MockConfig(faults=spec, time_scale=10).fault_settings
+    assert (settings.slow_seconds, settings.late_seconds, settings.throttle_seconds) == (2, 9, 1)
+    assert MockConfig(faults=spec, time_scale=4).fault_settings.throttle_seconds == 3
+    assert MockConfig(faults=spec, time_scale=10_000).fault_settings.throttle_seconds == 1
+    assert MockConfig(faults=spec, time_scale=10).late_max == 90  # the option, in mock time
+    clock = FakeClock(START / 1000)
+    config = MockConfig(users=4, history=0, start=START, tx_per_minute=60, faults="conflict=1",
+                        time_scale=50)  # fmt: skip
+    upstream = MockUpstream(config, clock=clock)
+    clock.now += 10
+    upstream.advance()
+    created: dict[str, list[int]] = defaultdict(list)
+    for text in upstream.ledger.texts:
+        item = loads(text)
+        created[item["id"]].append(parse_time(item["createdAt"]))
+    pairs = [times for times in created.values() if len(times) == 2]
+    assert len(pairs) > 400  # 500 live transactions, each with a second version
+    assert all(1 <= second - first <= 1 + 5000 / 50 for first, second in pairs)
+
+
+def test_time_scale_speaks_real_seconds_over_http():
+    config = MockConfig(port=0, users=3, history=10, rate_limit=2, per=60, time_scale=10,
+                        faults="throttle=1:30")  # fmt: skip
+    url, stop = start_in_thread(config)
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            throttled = client.get("/transactions")
+            faults = client.get("/faults").json()
+            document = client.get("/openapi.json").json()
+    finally:
+        stop()
+    assert throttled.status_code == 429 and throttled.headers["Retry-After"] == "3"
+    assert throttled.headers["RateLimit-Policy"] == '"default";q=2;w=6'
+    assert throttled.headers["RateLimit"] == '"default";r=1;t=3'
+    assert faults["spec"] == "throttle=1:3"
+    description = document["paths"]["/transactions"]["get"]["description"]
+    assert "2 requests per 6 seconds" in description and "--time-scale 10" in description
+
+
+@pytest.mark.parametrize("scale", [0, -1, float("nan"), float("inf"), 10_001])
+def test_a_bad_time_scale_is_refused(scale):
+    with pytest.raises(ValueError, match="time_scale must be above 0 and at most 10000"):
+        MockConfig(time_scale=scale)
+
+
+@pytest.mark.parametrize("scale", ["0", "-2", "nan", "10001"])
+def test_mock_serve_refuses_a_bad_time_scale_as_bad_usage(scale):
+    from typer.testing import CliRunner
+
+    from txagg.cli import app
+
+    result = CliRunner().invoke(
+        app, ["mock-serve", "--port", "0", f"--time-scale={scale}"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 2, result.output
+    assert "--time-scale" in result.output and "at most 10000" in result.output
+
+
+def test_mock_serve_runs_time_faster(mock_process):
+    mock = mock_process("--users", "3", "--history", "0", "--tx-per-minute", "60",
+                        "--time-scale", "600", "--per", "60")  # fmt: skip
+    response = httpx.get(f"{mock.url}/transactions", timeout=10)
+    assert response.headers["RateLimit-Policy"] == '"default";q=5;w=1'
+
+    def transactions() -> int:
+        items = loads(httpx.get(f"{mock.url}/users", timeout=10).content)["items"]
+        return sum(report["transactions"] for report in items)
+
+    assert wait_for(lambda: transactions() > 100)  # 600 a real second
+
+
+# ---------------------------------------------------------------- the README's example user
+
+
+def test_the_readme_example_user_has_transactions_in_the_default_mock():
+    """`txagg mock-serve` with its defaults serves the user the README's examples report on,
+    with the totals the README shows (the default seed makes them the same every time)."""
+    import re
+    from pathlib import Path
+
+    from txagg.testing import MockProcess
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    users = set(re.findall(r"txagg report (\S+)", readme))
+    assert len(users) == 1, users
+    (user_id,) = users
+    shown = loads(next(line for line in readme.splitlines() if line.startswith('{"userId"')))
+    assert shown["userId"] == user_id
+    with MockProcess() as mock:  # every option at its default (port 0 aside)
+        response = httpx.get(f"{mock.url}/users/{user_id}", timeout=10)
+    assert response.status_code == 200, response.text
+    truth = loads(response.content)
+    assert truth["transactions"] > 0
+    moments = ("lastTransactionAt", "asOf")  # these follow the clock the mock starts at
+    assert {k: v for k, v in truth.items() if k not in moments} == {
+        k: v for k, v in shown.items() if k not in moments
+    }

@@ -121,7 +121,7 @@ def test_the_fast_formatting_agrees_with_the_models():
         "/users/%00",
         "/users/%ZZ",
         "/users/%2F..%2F",
-        "/users/..",
+        "/users/%2E%2E",  # "/users/.." itself: httpx sends "/" for it (RFC 3986 dot segments)
         "/users/%C3%A9t%C3%A9",
         "/users/%FF%FE",
         "/users/" + "x" * 500,
@@ -299,7 +299,8 @@ def test_a_token_guards_every_route_but_healthz(serve):
         ("GET", "/payouts/", {}, 404),
         ("GET", "/users/", {}, 404),
         ("GET", "/users/a/b", {}, 404),
-        ("GET", "/", {}, 404),
+        ("GET", "/index.html", {}, 404),
+        ("POST", "/", {}, 405),
         ("DELETE", "/payouts", {}, 405),
         ("POST", "/users/000001", {}, 405),
         ("PUT", "/status", {}, 405),
@@ -355,10 +356,38 @@ def test_status_healthz_metrics_and_docs(serve, db_path):
     document = client.get("/openapi.json").json()
     assert document["openapi"].startswith("3.1")
     routes = {"/users/{userId}", "/payouts", "/status", "/healthz", "/metrics", "/openapi.json"}
-    assert set(document["paths"]) == routes | {"/docs"}
+    assert set(document["paths"]) == routes | {"/docs", "/"}
     page = client.get("/docs")
     assert page.headers["content-type"].startswith("text/html")
     assert all(route in page.text for route in routes) and "http://" not in page.text
+
+
+def test_the_root_redirects_to_the_docs(serve):
+    client = serve()
+    for method in ("GET", "HEAD"):
+        response = client.request(method, "/")
+        assert response.status_code == 307, method
+        assert response.headers["location"] == "/docs" and response.content == b""
+    followed = client.get("/", follow_redirects=True)
+    assert followed.status_code == 200 and followed.url.path == "/docs"
+    assert followed.headers["content-type"].startswith("text/html")
+    operation = client.get("/openapi.json").json()["paths"]["/"]["get"]
+    assert operation["responses"]["307"]["headers"]["Location"]["schema"]["const"] == "/docs"
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for sample in family.samples
+    }
+    root = (("method", "GET"), ("route", "/"), ("status", "307"))
+    assert samples[("txagg_http_requests_total", root)] == 2  # the redirect and the followed one
+    assert samples[("txagg_http_requests_total", (("method", "HEAD"), *root[1:]))] == 1
+
+
+def test_the_root_needs_the_token_like_every_route_but_healthz(serve):
+    client = serve(token="tok")
+    assert_problem(client.get("/"), 401)
+    answer = client.get("/", headers={"Authorization": "Bearer tok"})
+    assert answer.status_code == 307 and answer.headers["location"] == "/docs"
 
 
 def test_garbage_requests_cannot_grow_the_metrics(serve):
@@ -416,6 +445,7 @@ def test_metric_labels_are_bounded_whatever_is_observed():
         ("unmatched", "other", "2xx"),
         ("unmatched", "other", "3xx"),
         ("unmatched", "other", "304"),
+        ("unmatched", "other", "307"),
         ("unmatched", "other", "4xx"),
         ("unmatched", "other", "400"),
         ("unmatched", "other", "401"),

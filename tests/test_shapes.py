@@ -93,20 +93,20 @@ def test_status_json_has_its_shape_before_and_after_syncs(tmp_path, filled, scri
     Store.open(never).close()
     body = check(shapes.StatusReport, json_output("status", "--json", "--db", str(never)))
     assert body["asOf"] is None and body["lastRun"] == {} and body["lastCheck"] is None
+    assert body["upstream"] is None
     check(shapes.StatusReport, json_output("status", "--json", "--db", str(filled)))
     # A real sync whose closing check meets an upstream that counts fewer than it served.
     items = [record(n, at_s=n) for n in range(3)]
 
     def counts_lie(query: dict):
-        if query.get("limit") == "1":
-            return page(items[:1], total=1)
-        return page(items if query.get("page", "1") == "1" else [])
+        return page(items if query.get("page", "1") == "1" else [], total=1)
 
     server = scripted([counts_lie])
     synced = str(tmp_path / "synced.db")
     fast = ("--rate-limit", "100000", "--per", "1", "--settle", "0", "--retry-for", "10")
     json_output("sync", "--api-url", server.url, "--db", synced, *fast)
     body = check(shapes.StatusReport, json_output("status", "--json", "--db", synced))
+    assert body["upstream"] == server.url
     assert body["lastRun"] and body["lastCheck"] and body["discrepancies"]
     assert body["upstreamCounts"]["reliable"] is False
 

@@ -107,8 +107,12 @@ def test_verify_cli_exit_codes(db_path):
     assert missing.exit_code == 1 and "no store at" in missing.stderr
     with Store.open(db_path) as store:
         store.put_state(position=BASE_S * 1000)  # synced once, so there is something to verify
+    unbound = runner.invoke(app, ["verify", "--db", str(db_path)])  # no upstream, none recorded
+    assert unbound.exit_code == 2 and "no upstream: pass --api-url URL" in unbound.stderr
     with Store.open(db_path) as store, store.lock("verify"):
-        locked = runner.invoke(app, ["verify", "--db", str(db_path)])
+        locked = runner.invoke(
+            app, ["verify", "--db", str(db_path), "--api-url", "http://127.0.0.1:9"]
+        )
     assert locked.exit_code == 75
     down = runner.invoke(
         app,

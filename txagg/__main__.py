@@ -40,7 +40,7 @@ def _fast_report(argv: list[str]) -> int | None:
     import sqlite3
 
     from .models import dumps
-    from .report import UnknownUser, user_report
+    from .report import NothingSynced, UnknownUser, user_report
     from .store import Store, StoreError, default_db_path, explain
 
     path = db or default_db_path()
@@ -50,7 +50,7 @@ def _fast_report(argv: list[str]) -> int | None:
     except UnknownUser as error:
         print(f"Error: {error}", file=sys.stderr)
         return EXIT_NO_SUCH_USER
-    except StoreError as error:
+    except (StoreError, NothingSynced) as error:
         print(f"Error: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except sqlite3.Error as error:

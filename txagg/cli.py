@@ -1,13 +1,16 @@
 """The ``txagg`` command line: thin commands that parse options, call the core, format results.
 
 Core errors are exceptions; this edge turns them into a message on stderr and an exit code:
-0 success, 1 failure, 2 bad usage, 3 no such user, 75 another sync holds the store.
+0 success, 1 failure, 2 bad usage, 3 no such user, 4 ``status --check`` found the store
+unhealthy, 5 ``verify`` stopped before the end of its range, 75 another sync holds the store,
+130 interrupted (the codes are defined in ``errors``).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import signal
 import sqlite3
 import sys
@@ -21,11 +24,25 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import EXIT_FAILURE, EXIT_NO_SUCH_USER, exit_code
+from .binding import normalise_url, options_for, record_failure, recorder
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_NO_SUCH_USER,
+    BadUpstreamUrl,
+    NothingSynced,
+    NoUpstream,
+    OtherUpstream,
+    Unhealthy,
+    exit_code,
+)
 from .models import dumps, parse_time
 from .report import (
     DEFAULT_EUR_PER_SCR,
     UnknownUser,
+    check_health,
+    never_synced,
     parse_eur_rate,
     payouts_report,
     status_report,
@@ -69,9 +86,34 @@ JsonOption = Annotated[
 ]
 RateOption = Annotated[int, typer.Option("--rate-limit", min=1, help="Requests allowed ...")]
 PerOption = Annotated[float, typer.Option("--per", min=0.001, help="... per this many seconds.")]
-DEFAULT_API_URL = "http://127.0.0.1:8000"
+# The budget a store was synced with is remembered: these default to it (binding.budget_for).
+StoreRateOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--rate-limit",
+        min=1,
+        help=f"Requests allowed ... Default: the store's budget, else {RATE_LIMIT}.",
+        show_default=False,
+    ),
+]
+StorePerOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--per",
+        min=0.001,
+        help=f"... per this many seconds. Default: the store's, else {PER_SECONDS:g}.",
+        show_default=False,
+    ),
+]
+REMEMBERED = ("rate_limit", "per")  # options whose default is what the store remembers
 ApiUrlOption = Annotated[
-    str, typer.Option(envvar="TXAGG_API_URL", help="The Transaction API's base URL.")
+    Optional[str],
+    typer.Option(
+        envvar="TXAGG_API_URL",
+        help="The Transaction API's base URL. Default: the store's own upstream (recorded by "
+        "its first sync); there is no other default.",
+        show_default=False,
+    ),
 ]
 MaxRequestsOption = Annotated[
     Optional[int], typer.Option(min=1, help="Stop after this many upstream requests.")
@@ -101,10 +143,11 @@ CheckEveryOption = Annotated[
 ]
 
 # Option groups, defined once: each is a list of (SyncOptions field, its option). Their defaults
-# are SyncOptions' own; ``sync_options_from`` adds them to a command and builds the SyncOptions.
+# are SyncOptions' own, but for the budget (REMEMBERED: the store's own); ``sync_options_from``
+# adds them to a command and hands them over as a dict of SyncOptions fields.
 UPSTREAM_OPTIONS = [
-    ("rate_limit", RateOption),
-    ("per", PerOption),
+    ("rate_limit", StoreRateOption),
+    ("per", StorePerOption),
     ("max_requests", MaxRequestsOption),
     ("date_format", DateFormatOption),
     ("timeout", TimeoutOption),
@@ -120,7 +163,8 @@ FOLLOW_OPTIONS = [
 
 def sync_options_from(*groups: list[tuple[str, object]]):
     """Add the options of ``groups`` to a command, sqlite-utils' ``@output_options`` style: the
-    command gets them back as one ``sync_settings`` dict of SyncOptions fields."""
+    command gets them back as one ``sync_settings`` dict of SyncOptions fields (those in
+    REMEMBERED None when not given: the store's own apply)."""
 
     def decorate(command):
         from dataclasses import MISSING, fields
@@ -138,7 +182,11 @@ def sync_options_from(*groups: list[tuple[str, object]]):
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
                 annotation=option,
-                default=DateFormat(defaults[name]) if name == "date_format" else defaults[name],
+                default=None
+                if name in REMEMBERED
+                else DateFormat(defaults[name])
+                if name == "date_format"
+                else defaults[name],
             )
             for group in groups
             for name, option in group
@@ -165,6 +213,63 @@ def sync_options_from(*groups: list[tuple[str, object]]):
 def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
     print(f"Error: {message}", file=sys.stderr)
     return typer.Exit(code)
+
+
+class _StderrLines(logging.Handler):
+    """txagg's log records as lines on the stderr of the moment ("Warning: ...")."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = f"{record.levelname.capitalize()}: {self.format(record)}"
+            print(line, file=sys.stderr, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+def log_to_stderr(level: int = logging.WARNING) -> None:
+    """Say txagg's warnings (retries, 429 waits, counts that lie) on stderr, one line each.
+    The commands that talk to the upstream call it; ``level`` is what a quieter option would
+    raise."""
+    logger = logging.getLogger("txagg")
+    handler = next((h for h in logger.handlers if isinstance(h, _StderrLines)), None)
+    if handler is None:
+        handler = _StderrLines()
+        logger.addHandler(handler)
+    handler.setLevel(level)
+
+
+def check_api_url(api_url: str | None) -> None:
+    """Refuse a URL txagg cannot use at once, before any store or request: a usage error."""
+    if api_url is None:
+        return
+    try:
+        normalise_url(api_url)
+    except BadUpstreamUrl as error:
+        raise typer.BadParameter(str(error), param_hint="'--api-url'") from None
+
+
+def upstream_options(store: Store | None, api_url: str | None, settings: dict, **kwargs):
+    """The SyncOptions of a run on ``store`` (None: no store yet): the store's upstream unless
+    given, its remembered budget unless given. No upstream, or another one than the store's,
+    is a usage error (exit 2) in one line; warnings go to stderr."""
+    try:
+        options, warnings = options_for(store, api_url, settings, **kwargs)
+    except BadUpstreamUrl as error:
+        raise typer.BadParameter(str(error), param_hint="'--api-url'") from None
+    except (NoUpstream, OtherUpstream) as error:
+        raise fail(str(error), exit_code(error)) from None
+    for warning in warnings:
+        print(f"Warning: {warning}", file=sys.stderr)
+    return options
+
+
+def resolve_options(db: Path | None, api_url: str | None, settings: dict, **kwargs):
+    """``upstream_options`` for the store at ``db``, read without creating one."""
+    path = Path(db or default_db_path())
+    if not path.exists():
+        return upstream_options(None, api_url, settings, **kwargs)
+    with open_store(path, create=True) as store:  # an empty file: sync makes a store there
+        return upstream_options(store, api_url, settings, **kwargs)
 
 
 def wants_json(flag: bool) -> bool:
@@ -253,6 +358,8 @@ def report(
             body = user_report(store, user_id, rate)
         except UnknownUser as error:
             raise fail(str(error), EXIT_NO_SUCH_USER) from None
+        except NothingSynced as error:
+            raise fail(str(error)) from None
     if wants_json(json_):
         print_json(body)
     else:
@@ -286,15 +393,33 @@ def payouts(
 def status(
     db: DbOption = None,
     json_: JsonOption = False,
-    rate_limit: RateOption = RATE_LIMIT,
-    per: PerOption = PER_SECONDS,
+    rate_limit: StoreRateOption = None,
+    per: StorePerOption = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="For monitoring: exit 4 when the store is more than 2 minutes behind, has "
+            "discrepancies recorded, or its last run failed or ended early (status printed "
+            "all the same).",
+        ),
+    ] = False,
 ) -> None:
-    """Where sync stands: position, lag, counts, quarantine, conflicts, rate budget."""
+    """Where sync stands: upstream, position, lag, counts, quarantine, conflicts, rate budget."""
     with open_store(db, read_only=True) as store:
         body = status_report(store, rate=rate_limit, per=per)
     if wants_json(json_):
         print_json(body)
-        return
+    else:
+        print_status_table(body)
+    if check:
+        try:
+            check_health(body)
+        except Unhealthy as error:
+            raise fail(str(error), exit_code(error)) from None
+
+
+def print_status_table(body: dict) -> None:
     rows = []
     for key, value in body.items():
         if isinstance(value, dict):
@@ -316,34 +441,60 @@ def _cell(value: object) -> object:
 @app.command()
 @sync_options_from(FOLLOW_OPTIONS, UPSTREAM_OPTIONS)
 def sync(
-    api_url: ApiUrlOption = DEFAULT_API_URL,
+    api_url: ApiUrlOption = None,
     db: DbOption = None,
     json_: JsonOption = False,
     since: Annotated[
         Optional[str],
-        typer.Option(help="Where a fresh store starts (UTC). Default: the beginning."),
+        typer.Option(
+            help="Where a fresh store starts (UTC). Default: the beginning. Ignored, with a "
+            "warning, once the store has a sync position."
+        ),
     ] = None,
     follow: Annotated[bool, typer.Option("--follow", help="Keep syncing until stopped.")] = False,
+    rebind: Annotated[
+        bool,
+        typer.Option(
+            "--rebind",
+            help="Move the store to --api-url on purpose: it belongs to that upstream from its "
+            "first answer on (the data already stored stays).",
+        ),
+    ] = False,
     sync_settings: dict | None = None,
 ) -> None:
-    """Pull new transactions into the store, once (for cron) or --follow."""
-    from .sync import SyncOptions, UpstreamError
+    """Pull new transactions into the store, once (for cron) or --follow.
+
+    The first sync binds the store to its upstream: later runs use it without --api-url and
+    refuse another one unless --rebind."""
+    from .sync import UpstreamError
     from .sync import sync as run_sync
 
-    since_ms = parse_instant(since, "--since") or 0
-    options = SyncOptions(api_url=api_url, since=since_ms, **sync_settings)
+    log_to_stderr()
+    check_api_url(api_url)
+    since_ms = parse_instant(since, "--since")
+    if rebind and api_url is None:
+        raise typer.BadParameter("--rebind needs the upstream to move to", param_hint="--api-url")
+    options = resolve_options(db, api_url, sync_settings, rebind=rebind, since=since_ms)
     stop = stop_on_signals() if follow else threading.Event()
     with open_store(db, create=True) as store, _progress() as on_page:
+
+        def on_error(message: str) -> None:
+            print(f"Warning: {message}", file=sys.stderr)
+            record_failure(store, message)
+
         try:
             summary = run_sync(
                 store,
                 options,
                 follow=follow,
                 stop=stop,
-                on_page=on_page,
-                on_error=lambda message: print(f"Warning: {message}", file=sys.stderr),
+                on_page=recorder(store, options, on_page),
+                on_error=on_error,
             )
-        except (SyncLocked, UpstreamError) as error:
+        except SyncLocked as error:
+            raise fail(str(error), exit_code(error)) from None
+        except UpstreamError as error:
+            record_failure(store, str(error))
             raise fail(str(error), exit_code(error)) from None
     if wants_json(json_):
         print_json(summary.as_dict())
@@ -363,7 +514,7 @@ def stop_on_signals() -> threading.Event:
 @app.command()
 @sync_options_from(UPSTREAM_OPTIONS)
 def verify(
-    api_url: ApiUrlOption = DEFAULT_API_URL,
+    api_url: ApiUrlOption = None,
     db: DbOption = None,
     json_: JsonOption = False,
     since: Annotated[
@@ -375,11 +526,16 @@ def verify(
     ] = None,
     sync_settings: dict | None = None,
 ) -> None:
-    """Reconcile the stored history with the upstream window by window, and repair it."""
-    from .sync import SyncOptions, UpstreamError
-    from .verify import NothingSynced, ReversedRange
+    """Reconcile the stored history with the upstream window by window, and repair it.
+
+    Exits 5 when it stops before the end of its range (--max-requests spent; run it again to
+    resume), 130 when interrupted."""
+    from .sync import UpstreamError
+    from .verify import ReversedRange
     from .verify import verify as run_verify
 
+    log_to_stderr()
+    check_api_url(api_url)
     since_ms = parse_instant(since, "--since")
     until_ms = parse_instant(until, "--until")
     if since_ms is not None and until_ms is not None and since_ms > until_ms:
@@ -387,10 +543,13 @@ def verify(
             f"the start {since!r} is later than the end {until!r}",
             param_hint="'--since' / '--until'",
         )
-    options = SyncOptions(api_url=api_url, **sync_settings)
+    stop = stop_on_signals()
     with open_store(db) as store:
+        if never_synced(store):  # said before anything about the upstream
+            raise fail(str(NothingSynced()), exit_code(NothingSynced()))
+        options = upstream_options(store, api_url, sync_settings)
         try:
-            report = run_verify(store, options, since_ms, until_ms, stop=stop_on_signals())
+            report = run_verify(store, options, since_ms, until_ms, stop=stop)
         except (SyncLocked, UpstreamError, NothingSynced, ReversedRange) as error:
             raise fail(str(error), exit_code(error)) from None
     body = report.as_dict()
@@ -398,6 +557,14 @@ def verify(
         print_json(body)
     else:
         print_table("verify", ["field", "value"], [[k, _cell(v)] for k, v in body.items()])
+    if not report.complete:
+        if stop.is_set():
+            raise fail("verify interrupted: run it again to resume", EXIT_INTERRUPTED)
+        raise fail(
+            "verify stopped before the end of its range (--max-requests spent): "
+            "run it again to resume",
+            EXIT_INCOMPLETE,
+        )
 
 
 class _progress:
@@ -460,18 +627,25 @@ def serve(
     ] = 30,
     workers: Annotated[int, typer.Option(min=1, help="Server processes (for several cores).")] = 1,
     follow: Annotated[
-        bool, typer.Option("--follow", help="Keep syncing from --api-url in this process.")
+        bool,
+        typer.Option(
+            "--follow",
+            help="Keep syncing in this process (from the store's upstream or --api-url).",
+        ),
     ] = False,
-    api_url: ApiUrlOption = DEFAULT_API_URL,
+    api_url: ApiUrlOption = None,
     eur_per_scr: EurOption = str(DEFAULT_EUR_PER_SCR),
     sync_settings: dict | None = None,
 ) -> None:
     """Serve the HTTP API over the store (--follow: and keep it synced, in one process)."""
     from .server import ServeConfig
     from .server import serve as run_server
-    from .sync import SyncOptions
 
-    options = SyncOptions(api_url=api_url, **sync_settings) if follow else None
+    log_to_stderr()
+    options = None
+    if follow:
+        check_api_url(api_url)
+        options = resolve_options(db, api_url, sync_settings)
     try:
         config = ServeConfig(
             db=db or default_db_path(),
@@ -488,6 +662,16 @@ def serve(
         raise typer.BadParameter(str(error)) from None
 
     run_listening("serve", run_server, config)
+
+
+def _time_scale(value: float) -> float:
+    """mock-serve --time-scale: checked by the mock, refused as bad usage naming the option."""
+    from .mock.config import check_time_scale
+
+    try:
+        return check_time_scale(value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 @app.command("mock-serve")
@@ -527,6 +711,14 @@ def mock_serve(
         Optional[float],
         typer.Option(min=0.0, help="Stop the live traffic this many seconds after start."),
     ] = None,
+    time_scale: Annotated[
+        float,
+        typer.Option(
+            callback=_time_scale,
+            help="Run time N times faster: N times the --tx-per-minute, and --per, --late-max, "
+            "--live-for and the --faults durations N times shorter (the history as given).",
+        ),
+    ] = 1.0,
 ) -> None:
     """Run the rate-limited fake Transaction API, with its ground truth at /users."""
     from .mock import MockConfig, serve
@@ -548,6 +740,7 @@ def mock_serve(
             start=parse_instant(start, "--start"),
             faults=faults,
             live_for=live_for,
+            time_scale=time_scale,
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
@@ -558,10 +751,15 @@ def mock_serve(
 @app.command()
 def demo(
     db: Annotated[
-        Optional[Path], typer.Option("--db", help="Store file. Default: a temporary one.")
+        Optional[Path],
+        typer.Option("--db", help="Store file, kept for the next run. Default: a temporary one."),
     ] = None,
 ) -> None:
-    """A first run: start a mock upstream, sync it, show a report and the payouts."""
+    """A first run: start a mock upstream, sync it, show a report and the payouts.
+
+    The demo's mock serves the same data every run, so a store kept with --db can be demoed
+    again (its sync then finds nothing new); a store holding other data is refused.
+    """
     from .demo import run_demo
 
     try:

@@ -10,21 +10,27 @@ The tree::
     │   ├── DamagedStore          a stored figure txagg never writes
     │   └── SyncLocked            another sync (or verify) holds the store          exit 75
     ├── UpstreamError             the upstream cannot be read, past every retry     exit 1
+    ├── NoUpstream                no --api-url, and the store has no upstream yet   exit 2
+    ├── OtherUpstream             --api-url is not the upstream of the store        exit 2
     ├── UnknownUser               no transaction of that user (also a LookupError)  exit 3
-    └── NothingSynced             verify on a store never synced                    exit 1
+    ├── NothingSynced             report or verify on a store never synced          exit 1
+    └── Unhealthy                 status --check: the store needs attention         exit 4
 
     ValueError
     ├── InvalidRecord             a record breaks the schema: quarantined, never raised out
     ├── BodyError                 an answer's body cannot be read within the bounds
     │   └── BodyTooLarge
     ├── BadRequest                an HTTP query parameter the API cannot take: a 400
+    ├── BadUpstreamUrl            --api-url is not an http(s) URL with a host       exit 2
     └── ReversedRange             --since later than --until                        exit 2
 
     TransientError                a failure worth retrying (5xx, timeout, bad body)
+    ├── Unreachable               no complete answer: refused, reset, timed out
     └── Throttled                 a 429: the shared budget is blocked until Retry-After
 
     SyncStopped                   a stop was asked for (SIGTERM / SIGINT)           exit 130
-    RequestLimitReached           --max-requests is spent: the run ends early
+    RequestLimitReached           --max-requests is spent: the run ends early (a verify
+                                  left short of the end of its range:              exit 5)
 
 The core raises these; only the command line (``cli``, ``__main__``) turns them into exit codes,
 with ``exit_code``.
@@ -36,6 +42,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NO_SUCH_USER = 3
+EXIT_UNHEALTHY = 4  # status --check: behind, discrepancies recorded, or the last run failed
+EXIT_INCOMPLETE = 5  # verify stopped before the end of its range: run it again to resume
 EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
@@ -97,6 +105,16 @@ class TransientError(Exception):
     """A failure worth retrying: 5xx, timeout, reset, truncated, oversized or non-JSON body."""
 
 
+class Unreachable(TransientError):
+    """No answer at all: the connection was refused or reset, or the request timed out.
+
+    ``reason`` says it briefly ("connection refused"), for the line each retry writes."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class Throttled(TransientError):
     def __init__(self, retry_after: float):
         super().__init__(f"429 Too Many Requests, retry after {retry_after:.0f} s")
@@ -109,6 +127,30 @@ class BodyError(ValueError):
 
 class BodyTooLarge(BodyError):
     pass
+
+
+class BadUpstreamUrl(ValueError):
+    """An upstream URL txagg cannot use: no scheme, a scheme other than http(s), no host."""
+
+
+class NoUpstream(TxaggError):
+    """No upstream given, and the store is bound to none yet."""
+
+    def __init__(self) -> None:
+        super().__init__("no upstream: pass --api-url URL (or set TXAGG_API_URL)")
+
+
+class OtherUpstream(TxaggError):
+    """An upstream other than the one the store is bound to."""
+
+    def __init__(self, store: object, bound: str, given: str):
+        super().__init__(
+            f"the store {store} belongs to the upstream {bound}, not {given}: "
+            f"leave out --api-url to use its own, or move it on purpose with "
+            f"'txagg sync --rebind --api-url {given}'"
+        )
+        self.bound = bound
+        self.given = given
 
 
 class SyncStopped(Exception):
@@ -143,6 +185,15 @@ class NothingSynced(TxaggError):
         super().__init__("nothing synced yet: run txagg sync first")
 
 
+class Unhealthy(TxaggError):
+    """``status --check``: the store is behind its freshness promise, has discrepancies
+    recorded, or its last run failed or ended early; ``problems`` says which."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("unhealthy: " + "; ".join(problems))
+        self.problems = problems
+
+
 class ReversedRange(ValueError):
     """``since`` was given later than ``until``."""
 
@@ -157,8 +208,12 @@ def exit_code(error: BaseException) -> int:
         return EXIT_LOCKED
     if isinstance(error, UnknownUser):
         return EXIT_NO_SUCH_USER
-    if isinstance(error, (ReversedRange, BadRequest)):
+    if isinstance(error, (ReversedRange, BadRequest, BadUpstreamUrl, NoUpstream, OtherUpstream)):
         return EXIT_USAGE
+    if isinstance(error, Unhealthy):
+        return EXIT_UNHEALTHY
+    if isinstance(error, RequestLimitReached):
+        return EXIT_INCOMPLETE
     if isinstance(error, (SyncStopped, KeyboardInterrupt)):
         return EXIT_INTERRUPTED
     return EXIT_FAILURE

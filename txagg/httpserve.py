@@ -16,6 +16,12 @@ Problem details (RFC 9457), answered as ``application/problem+json``:
   problem answer (its schema is ``#/components/schemas/Problem``; each keyword is a response
   header's name and description).
 
+The front door:
+
+* ``docs_redirect() -> Response``: the answer to ``GET /`` (and ``HEAD /``) on both servers, a
+  ``307`` to the ``/docs`` page with an empty body;
+* ``docs_redirect_doc() -> dict``: its OpenAPI response object, keyed by status.
+
 Binding and announcing:
 
 * ``resolve_address(host, port) -> (ip, port)``: the numeric address and a port known to be
@@ -48,6 +54,8 @@ __all__ = [
     "BadRequest",
     "announce_when_listening",
     "base_url",
+    "docs_redirect",
+    "docs_redirect_doc",
     "problem",
     "problem_body",
     "problem_response_doc",
@@ -102,6 +110,31 @@ def problem_response_doc(description: str, **headers: str) -> dict:
             for name, text in headers.items()
         }
     return response
+
+
+# ---------------------------------------------------------------- the front door
+
+DOCS_PATH = "/docs"
+REDIRECT_STATUS = 307  # temporary: / may one day answer something of its own
+
+
+def docs_redirect() -> Response:
+    """``GET /``: where a browser pointed at the server finds out what it serves."""
+    return Response(status_code=REDIRECT_STATUS, headers={"Location": DOCS_PATH})
+
+
+def docs_redirect_doc() -> dict:
+    return {
+        str(REDIRECT_STATUS): {
+            "description": f"Temporary Redirect to {DOCS_PATH}",
+            "headers": {
+                "Location": {
+                    "description": f"{DOCS_PATH}, the page that lists the routes",
+                    "schema": {"type": "string", "const": DOCS_PATH},
+                }
+            },
+        }
+    }
 
 
 # ---------------------------------------------------------------- binding and announcing

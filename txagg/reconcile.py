@@ -1,6 +1,6 @@
-"""Late arrivals and repairs: compare windows of the store with the upstream's counts, bisect
-what is short, re-read small windows, and tell counts that lie from records that are missing.
-Used by sync's checks and by ``txagg verify``."""
+"""Late arrivals and repairs: compare windows of the store with the upstream's counts, search
+what is short with page probes (or by counting halves), re-read small windows, and tell counts
+that lie from records that are missing. Used by sync's checks and by ``txagg verify``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from .errors import InvalidRecord
 from .models import format_instant, parse_created_at, raw_text
 from .options import SyncSummary
-from .settings import MAX_DISCREPANCIES, REREAD_WAIT_TOKENS
+from .settings import LATE_AGES_NEEDED, MAX_DISCREPANCIES, REREAD_WAIT_TOKENS
 from .store import Store
 from .upstream import Page, Upstream
 
@@ -20,10 +20,12 @@ COUNT = "count"  # a window to search by counting its halves (see Reconciler._re
 class Reconciler:
     """Compares windows of the store with the upstream's counts and re-reads what is short.
 
-    One ``limit=1`` request gives the upstream's count for a window. A shortfall is bisected
-    with more counts down to pieces of one page, which are re-read. ``budget`` (a one-item
-    list, shared down the recursion) bounds the requests, so an upstream whose ``meta`` lies
-    costs a fixed amount; what stays unexplained is recorded as a discrepancy for ``status``.
+    A check's one request gives the upstream's count for a window and one page of it. A
+    shortfall is searched with page probes (``probe``), each telling on which side of its page
+    the missing records lie, down to one page; where a probe cannot tell, by counting halves.
+    ``budget`` (a one-item list, shared by the search) bounds the requests, so an upstream whose
+    ``meta`` lies costs a fixed amount; what stays unexplained is recorded as a discrepancy for
+    ``status``.
     """
 
     def __init__(self, store: Store, upstream: Upstream, summary: SyncSummary, page_size: int):
@@ -44,6 +46,7 @@ class Reconciler:
         self.deferred = False
         self.pending: list[list[int]] = []
         self.arrived: list[int] = []  # createdAt of each record the reconciler stored
+        self.likely: list[int] = []  # instants where late arrivals were found before, sorted
 
     def reconcile(
         self,
@@ -53,18 +56,21 @@ class Reconciler:
         *,
         chase: bool = True,
         pending: list[list[int]] | None = None,
-        likely_age: int | None = None,
+        late_ages: list[int] | None = None,
     ) -> dict:
         """Count [low, high] upstream and repair a shortfall. With ``chase`` False (counts known
         to lie) a difference is only reported, never bisected or recorded again.
 
         A repair stopped by ``may_spend`` leaves its windows still to do in ``self.pending``;
         passed back as ``pending``, they are taken up where they stood, without counting
-        [low, high] again. ``likely_age`` (ms before ``high``) is where missing records have
-        tended to be: the count comes with the page there, the search's first probe."""
+        [low, high] again. ``late_ages`` (ms before ``high``) are where missing records were
+        found before: each probe looks first at the page where half of those inside its window
+        lie (see ``_page_for``)."""
         self.unreliable = None
         self.deferred = False
         self.pending = []
+        ages = late_ages or []
+        self.likely = sorted(high - age for age in ages) if len(ages) >= LATE_AGES_NEEDED else []
         if pending and chase:
             self.pending = self._repair([list(window) for window in pending], budget)
             return {"window": [format_instant(low), format_instant(high)], "resumed": True}
@@ -73,9 +79,7 @@ class Reconciler:
         if chase:
             # The count comes with the middle page of the window: where the counts differ,
             # that page is the search's first probe (see ``probe``).
-            page = self._middle_page(before)
-            if likely_age is not None and low < high - likely_age < high:
-                page = self.store.count_window(low, high - likely_age)[1] // self.page_size + 1
+            page = self._page_for(low, high, before)
             answer = self._read(low, high, page, counting=True)
             total = answer.total
         else:
@@ -211,7 +215,7 @@ class Reconciler:
         page's edge) costs a request, never a record: what the probes cannot place is
         searched by counting halves."""
         budget[0] -= 1
-        page = self._middle_page(total)
+        page = self._page_for(start, end, total)
         answer = self._read(start, end, page)
         real = answer.total
         if real is None:
@@ -230,8 +234,16 @@ class Reconciler:
             return []
         return self._sides(start, end, page, answer, real)
 
-    def _middle_page(self, records: int) -> int:
-        return max(1, (-(-records // self.page_size) + 1) // 2)
+    def _page_for(self, start: int, end: int, records: int) -> int:
+        """The page of [start, end] (``records`` long) to probe: the one where half of the
+        instants late arrivals were found at before (``likely``) lie, when some lie inside;
+        else the middle page. A probe there splits what is likely, not what is long."""
+        pages = max(1, -(-records // self.page_size))
+        inside = [moment for moment in self.likely if start < moment < end]
+        if not inside:
+            return (pages + 1) // 2
+        before = self.store.count_window(start, inside[len(inside) // 2])[1]
+        return min(pages, before // self.page_size + 1)
 
     def _read(self, start: int, end: int, page: int, counting: bool = False) -> Page:
         """A page of [start, end], stored; ``counting``: read for its count (not a page read)."""

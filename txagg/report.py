@@ -8,7 +8,8 @@ from __future__ import annotations
 import time
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation, localcontext
 
-from .errors import UnknownUser  # noqa: F401 (re-exported)
+from .binding import bound_upstream, budget_for
+from .errors import NothingSynced, Unhealthy, UnknownUser  # noqa: F401 (re-exported)
 from .models import cents_to_decimal, format_instant, format_timestamp
 from .settings import (  # noqa: F401 (DEFAULT_EUR_PER_SCR, STALE_AFTER_SECONDS re-exported)
     CHECK_EVERY,
@@ -60,10 +61,20 @@ def to_eur(payout_cents: int, eur_per_scr: Decimal = DEFAULT_EUR_PER_SCR) -> Dec
         return exact.quantize(CENT, ROUND_HALF_EVEN).normalize()
 
 
+def never_synced(store: Store) -> bool:
+    """Whether the store was never synced: no sync position and no transaction."""
+    return store.state_value("position") is None and not store.counters().get("transactions")
+
+
 def user_report(store: Store, user_id: str, eur_per_scr: Decimal = DEFAULT_EUR_PER_SCR) -> dict:
-    """One user's aggregates, the body of ``report --json`` and ``GET /users/{id}``."""
+    """One user's aggregates, the body of ``report --json`` and ``GET /users/{id}``.
+
+    UnknownUser when the user has no transaction; NothingSynced when the store has none at
+    all and was never synced (every user would be unknown: the store is what is missing)."""
     totals = store.user_totals(user_id)
     if totals is None:
+        if never_synced(store):
+            raise NothingSynced()
         raise UnknownUser(user_id)
     return {
         "userId": totals.user_id,
@@ -98,10 +109,12 @@ def payouts_report(
 
 
 def status_report(
-    store: Store, *, rate: int = 5, per: float = 60.0, now: float | None = None
+    store: Store, *, rate: int | None = None, per: float | None = None, now: float | None = None
 ) -> dict:
-    """Where sync stands: position, lag, counts, quarantine, conflicts and the rate budget."""
+    """Where sync stands: the upstream, position, lag, counts, quarantine, conflicts and the
+    rate budget (``rate`` / ``per`` when given, else the one the store was synced with)."""
     now = time.time() if now is None else now
+    rate, per = budget_for(store, rate, per)
     state = store.state()
     counters = store.counters()
     as_of = state.get("as_of")
@@ -110,6 +123,7 @@ def status_report(
     last_run = state.get("last_run") or {}
     return {
         "store": str(store.path),
+        "upstream": bound_upstream(store),
         "position": _instant(state.get("position")),
         "asOf": _instant(as_of),
         "lagSeconds": lag,
@@ -137,6 +151,33 @@ def status_report(
             "throttled": counters.get("throttled", 0),
         },
     }
+
+
+def health_problems(status: dict) -> list[str]:
+    """What ``status --check`` finds wrong in a ``status_report``: the store is behind its
+    freshness promise (or never synced), has discrepancies recorded, or its last run failed or
+    ended before catching up. Empty when healthy."""
+    problems = []
+    lag = status["lagSeconds"]
+    if lag is None:
+        problems.append("never synced")
+    elif lag > STALE_AFTER_SECONDS:
+        problems.append(f"{lag} s behind, more than the {STALE_AFTER_SECONDS} s promised")
+    if count := len(status["discrepancies"]):
+        what = "discrepancy" if count == 1 else "discrepancies"
+        problems.append(f"{count} {what} recorded (a complete txagg verify settles them)")
+    last_run = status["lastRun"]
+    if last_run.get("error"):
+        problems.append(f"the last run failed: {last_run['error']}")
+    elif last_run.get("complete") is False:
+        problems.append("the last run ended before catching up")
+    return problems
+
+
+def check_health(status: dict) -> None:
+    """Raise Unhealthy naming every problem ``health_problems`` finds."""
+    if problems := health_problems(status):
+        raise Unhealthy(problems)
 
 
 def _load(store: Store, as_of: int | None, rate: int, per: float) -> dict:

@@ -32,6 +32,9 @@ MAX_UNRELIABLE_BACKOFF = 3600.0  # seconds: the longest pause in chasing counts 
 LATE_AGES_KEPT = 32  # how far behind the newest read the last late arrivals were found ...
 LATE_AGES_NEEDED = 3  # ... and how many before a check's first look goes by them
 REREAD_WAIT_TOKENS = 2  # a repair's re-read may wait for this many tokens beyond spare ones
+# Following, a search for a late arrival may take the next poll's token (the poll waits for the
+# next one) while the store is less than this far behind; else only tokens spare beyond it.
+SEARCH_MAY_DELAY_POLL_MS = 30_000
 
 # ---------------------------------------------------------------- what an answer may be
 
@@ -85,3 +88,4 @@ FAULT_KINDS = (
 )
 TIMED_FAULTS = ("slow", "late", "throttle")
 LATE_LOG_SIZE = 100_000  # late arrivals listed at the mock's GET /faults, the newest
+MAX_TIME_SCALE = 10_000.0  # mock-serve --time-scale: at most a week of traffic a minute

@@ -276,6 +276,7 @@ class LastRun(TypedDict, total=False):
     newTransactions: Count
     complete: bool | None
     behind: bool
+    error: Annotated[str, Field(description="why it failed (only a run that failed has it)")]
 
 
 @closed
@@ -295,6 +296,14 @@ class StatusReport(TypedDict):
     """Where sync stands: the body of ``txagg status --json``."""
 
     store: Annotated[str, Field(description="the store's path")]
+    upstream: Annotated[
+        str | None,
+        Field(
+            description="the upstream the store belongs to, normalised (recorded by its first "
+            "sync; null before)",
+            examples=["https://api.example.com"],
+        ),
+    ]
     position: Instant | None
     asOf: Instant | None
     lagSeconds: Count | None

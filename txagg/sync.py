@@ -43,10 +43,10 @@ from .options import SyncOptions, SyncSummary
 from .reconcile import Reconciler
 from .settings import (  # noqa: F401 (PAGE_SIZE, MAX_RESPONSE_BYTES re-exported)
     LATE_AGES_KEPT,
-    LATE_AGES_NEEDED,
     MAX_RESPONSE_BYTES,
     MAX_UNRELIABLE_BACKOFF,
     PAGE_SIZE,
+    SEARCH_MAY_DELAY_POLL_MS,
     STALE_AFTER_SECONDS,
     TOKEN_MARGIN,
 )
@@ -100,13 +100,21 @@ class Syncer:
         than half the freshness promise (a minute) behind. What it leaves, later checks take up
         where it stood (the windows still to repair are saved). A run that is not following has
         no later read to hold back: it repairs within its request budget."""
-        return self._fresh_enough() and (not self.following or self._spare_tokens() >= 1)
-
-    def _fresh_enough(self) -> bool:
         if not self.following:
             return True
+        if not self._fresh_enough():
+            return False
+        spare = self._spare_tokens()
+        # While the store is well within its promise, a step may also take the next poll's
+        # token: that poll waits for the next token instead, a few seconds.
+        return spare >= 1 or (spare >= 0 and self._behind_ms() < SEARCH_MAY_DELAY_POLL_MS)
+
+    def _fresh_enough(self) -> bool:
+        return not self.following or self._behind_ms() < STALE_AFTER_SECONDS * 500
+
+    def _behind_ms(self) -> int:
         as_of = self.store.state_value("as_of")
-        return as_of is None or self._now_ms() - as_of < STALE_AFTER_SECONDS * 500
+        return 0 if as_of is None else self._now_ms() - as_of
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -213,12 +221,11 @@ class Syncer:
             before = self.summary.requests
             pending = self.store.state_value("repair_pending")
             ages = self.store.state_value("late_ages") or []
-            likely = sorted(ages)[len(ages) // 2] if len(ages) >= LATE_AGES_NEEDED else None
             self.reconciler.arrived = []
             try:
                 found.update(
                     self.reconciler.reconcile(
-                        low, high, budget, chase=chase, pending=pending, likely_age=likely
+                        low, high, budget, chase=chase, pending=pending, late_ages=ages
                     )
                 )
             finally:
@@ -315,9 +322,12 @@ class Syncer:
         due (with spare tokens they are due often: every token period at low load)."""
         poll_at = started + self._next_poll_in(rate.per_second)
         step = self.options.per / self.options.rate_limit
+        # Not in the last moment before a poll (a second, or a quarter of a token period if
+        # that is shorter): the check would hold it back.
+        guard = min(1.0, step / 4)
         while (left := poll_at - self.clock()) > 0:
             self.pause(min(left, step))
-            if check and self.clock() < poll_at - 1 and self._check_due():
+            if check and self.clock() < poll_at - guard and self._check_due():
                 self.check()
 
     def _next_poll_in(self, arrivals_per_second: float | None) -> float:

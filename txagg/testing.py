@@ -14,7 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from .errors import UnknownUser
+from .errors import NothingSynced, UnknownUser
 from .models import loads
 from .report import user_report
 from .store import Store
@@ -102,7 +102,7 @@ def differing_users(store: Store, truth: list[dict]) -> list[str]:
     for expected in truth:
         try:
             got = user_report(store, expected["userId"])
-        except UnknownUser:
+        except (UnknownUser, NothingSynced):
             wrong.append(expected["userId"])
             continue
         if {**got, "asOf": None} != {**expected, "asOf": None}:

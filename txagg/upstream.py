@@ -17,7 +17,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from . import __version__
 from .bounded_http import ACCEPT_ENCODING, BodyError, BoundedTransport, read_body
-from .errors import RequestLimitReached, Throttled, TransientError, UpstreamError
+from .errors import RequestLimitReached, Throttled, TransientError, Unreachable, UpstreamError
 from .models import format_query_time, loads
 from .options import SyncOptions, SyncSummary
 from .settings import MAX_BLOCK_SECONDS
@@ -99,6 +99,7 @@ class Upstream:
             wait=wait,
             stop=stop_after_delay(options.retry_for),
             sleep=sleep,
+            before_sleep=_say_retry,
             reraise=True,
         )
 
@@ -171,9 +172,10 @@ class Upstream:
             with self._deadline(), self.http.stream("GET", "/transactions", params=params) as r:
                 return self._answer(r)
         except httpx.TimeoutException:
-            raise TransientError(f"no complete answer within {timeout:g} s") from None
+            reason = f"no complete answer within {timeout:g} s"
+            raise Unreachable(reason, reason) from None
         except httpx.TransportError as error:
-            raise TransientError(f"connection failed: {error}") from None
+            raise Unreachable(f"connection failed: {error}", _brief(error)) from None
 
     def _deadline(self):
         if self.bounded is None:  # a transport given by the caller (tests): its own bounds
@@ -204,6 +206,39 @@ class Upstream:
         except BodyError as error:
             raise TransientError(str(error)) from None
         return _parse_page(content)
+
+
+def _say_retry(retry_state) -> None:
+    """One line on stderr (through logging, at WARNING) before each retry: an upstream that
+    does not answer is never silent. A 429's wait is said where the budget waits it out."""
+    error = retry_state.outcome.exception()
+    if isinstance(error, Throttled):
+        return
+    if isinstance(error, Unreachable):
+        what, reason = "unreachable", error.reason
+    else:
+        what, reason = "failing", str(error)
+    log.warning(
+        "upstream %s: %s; retry %d in %s s",
+        what,
+        reason,
+        retry_state.attempt_number,
+        _seconds(retry_state.next_action.sleep),
+    )
+
+
+def _brief(error: Exception) -> str:
+    """A transport error in a few words: "connection refused", not "[Errno 111] Connection
+    refused"."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if text.startswith("[Errno") and "] " in text:
+        text = text.split("] ", 1)[1]
+    text = text.rstrip(".")
+    return text[:1].lower() + text[1:200]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value >= 1 else f"{value:.2g}"
 
 
 def _parse_page(content: bytes) -> Page:

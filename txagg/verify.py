@@ -10,6 +10,7 @@ beside a running sync; a second verify on the same store exits at once.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +22,11 @@ from .errors import (  # noqa: F401 (NothingSynced, ReversedRange re-exported)
     ReversedRange,
     SyncStopped,
 )
-from .models import format_instant
+from .models import format_instant, parse_time
 from .options import SyncOptions, SyncSummary
 from .reconcile import Reconciler
 from .store import Store
+from .store.ingest import put_state
 from .upstream import Upstream
 
 ONE_SECOND = 1000
@@ -125,14 +127,18 @@ class Verifier:
             self.report.resumed = True
         else:
             pending = [[low, high, None]]
+        earlier = self.store.state_value("discrepancies", [])
         try:
             while pending:
+                if self.stop.is_set():  # a stop asked for while a request was under way
+                    raise SyncStopped()
                 window = pending.pop()
                 pending.extend(reversed(self._step(*window)))
                 self.store.put_state(verify={"range": [low, high], "pending": pending})
                 self._sync_report()
                 self.on_window(self.report)
             self.report.complete = True
+            self._settle(low, high, earlier)
         except (RequestLimitReached, SyncStopped):
             pass
         self._sync_report()
@@ -166,9 +172,31 @@ class Verifier:
         halves = self.reconciler.halves(low, middle, high, total, budget)
         return [list(half) for half in halves or []]
 
+    def _settle(self, low: int, high: int, earlier: list[dict]) -> None:
+        """A complete verify of [low, high] settles the discrepancies recorded before it in
+        windows inside that range: it counted them again, and recorded anew whatever it still
+        could not explain. Those recorded meanwhile (by a sync's check) stay."""
+        settled = [found for found in earlier if _inside(found, low, high)]
+        if not settled:
+            return
+        with self.store.transaction() as conn:
+            row = conn.execute(
+                "SELECT value FROM sync_state WHERE name = 'discrepancies'"
+            ).fetchone()
+            recorded = [] if row is None else json.loads(row[0])
+            put_state(conn, {"discrepancies": [d for d in recorded if d not in settled]})
+
     def _sync_report(self) -> None:
         self.report.requests = self.summary.requests
         self.report.discrepancies = self.reconciler.found
+
+
+def _inside(found: dict, low: int, high: int) -> bool:
+    try:
+        start, end = (parse_time(moment) for moment in found["window"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return low <= start and end <= high
 
 
 def verify(store: Store, options: SyncOptions, since=None, until=None, **kwargs) -> VerifyReport:

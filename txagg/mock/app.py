@@ -14,7 +14,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from ..apidocs import docs_html
-from ..httpserve import BadRequest
+from ..httpserve import BadRequest, docs_redirect
 from ..models import dumps, parse_time
 from .config import MockConfig
 from .openapi import openapi_document
@@ -64,7 +64,7 @@ def parse_window_query(params: Mapping[str, str]) -> tuple[int | None, int | Non
 
 
 def create_app(upstream: MockUpstream, config: MockConfig) -> Starlette:
-    bucket = TokenBucket(config.rate_limit, config.per)
+    bucket = TokenBucket(config.rate_limit, config.real_per)
     document = openapi_document(config)
     document_text = json.dumps(document, indent=2)
     docs_page = docs_html(document)
@@ -77,7 +77,7 @@ def create_app(upstream: MockUpstream, config: MockConfig) -> Starlette:
         headers = bucket.headers(state)
         if not state.allowed:
             headers["Retry-After"] = str(state.retry_after)
-            detail = f"rate limit of {config.rate_limit} requests per {config.per:g} s exceeded"
+            detail = f"rate limit of {config.rate_limit} requests per {bucket.per:g} s exceeded"
             return problem(429, detail, headers)
         try:
             start_ms, end_ms, page, limit = parse_window_query(request.query_params)
@@ -114,6 +114,9 @@ def create_app(upstream: MockUpstream, config: MockConfig) -> Starlette:
     async def docs(request: Request) -> Response:
         return HTMLResponse(docs_page)
 
+    async def root(request: Request) -> Response:
+        return docs_redirect()
+
     async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
         detail = {404: f"no route {request.url.path[:200]}"}.get(error.status_code, error.detail)
@@ -130,6 +133,7 @@ def create_app(upstream: MockUpstream, config: MockConfig) -> Starlette:
         Route("/faults", faults, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
+        Route("/", root, methods=["GET"]),
     ]
     handlers = {HTTPException: http_error, Exception: server_error}
     return Starlette(routes=routes, exception_handlers=handlers)

@@ -1,9 +1,17 @@
-"""``MockConfig``: every option of ``txagg mock-serve``, as plain, printable data."""
+"""``MockConfig``: every option of ``txagg mock-serve``, as plain, printable data.
+
+With ``time_scale`` N the mock's time runs N times faster than the wall clock: the options that
+say how often or how long things happen while it runs are in mock time, and the ``real_*``
+properties and ``fault_settings`` turn them into the wall-clock values the mock runs on.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
+from ..settings import MAX_TIME_SCALE
 from .faults import Faults, parse_faults
 
 MAX_USERS = 500_000  # 6-digit ids: beyond half of them, drawing unique ones gets slow
@@ -26,10 +34,12 @@ class MockConfig:
     start: int | None = None  # the clock anchor in ms since epoch; None = now
     faults: str = ""  # the --faults spec (see Faults); late= and invalid= set the options above
     live_for: float | None = None  # seconds after start when live traffic (and drift) stops
+    time_scale: float = 1.0  # the mock's time runs this many times faster than the clock
 
     def __post_init__(self) -> None:
         self._apply_fault_aliases(parse_faults(self.faults))
         checks = [
+            (time_scale_holds(self.time_scale), f"time_scale {TIME_SCALE_RULE}"),
             (1 <= self.users <= MAX_USERS, f"users must be between 1 and {MAX_USERS}"),
             (self.history >= 0, "history must not be negative"),
             (self.history_span > 0, "history_span must be positive"),
@@ -47,7 +57,27 @@ class MockConfig:
 
     @property
     def fault_settings(self) -> Faults:
-        return parse_faults(self.faults)
+        """The --faults settings the mock runs on: durations in wall-clock seconds."""
+        return scale_faults(parse_faults(self.faults), self.time_scale)
+
+    # The options in wall-clock units: what happens while the mock runs, time_scale times as
+    # often or as short. The past (history, history_span, start) is laid out as given.
+
+    @property
+    def real_tx_per_minute(self) -> float:
+        return self.tx_per_minute * self.time_scale
+
+    @property
+    def real_per(self) -> float:
+        return self.per / self.time_scale
+
+    @property
+    def real_late_max(self) -> float:
+        return self.late_max / self.time_scale
+
+    @property
+    def real_live_for(self) -> float | None:
+        return None if self.live_for is None else self.live_for / self.time_scale
 
     def _apply_fault_aliases(self, faults: Faults) -> None:
         """late=P:S and invalid=P are late_ratio/late_max and invalid_ratio under another name."""
@@ -64,3 +94,34 @@ class MockConfig:
                 raise ValueError(f"faults {kind}= contradicts {'/'.join(names)}: give it once")
             for name, value in zip(names, values, strict=True):
                 setattr(self, name, value)
+
+
+TIME_SCALE_RULE = f"must be above 0 and at most {MAX_TIME_SCALE:g}"
+
+
+def time_scale_holds(value: float) -> bool:
+    return math.isfinite(value) and 0 < value <= MAX_TIME_SCALE
+
+
+def check_time_scale(value: float) -> float:
+    """``value`` if it is a valid time scale, else ValueError saying what is allowed."""
+    if not time_scale_holds(value):
+        raise ValueError(f"{TIME_SCALE_RULE}, got {value:g}")
+    return value
+
+
+def scale_faults(faults: Faults, time_scale: float) -> Faults:
+    """The timed faults' SECONDS divided by time_scale; throttle's stays a whole number of at
+    least 1 (Retry-After cannot say less), rounded to the nearest."""
+    if time_scale == 1:
+        return faults
+    return dataclasses.replace(
+        faults,
+        slow_seconds=faults.slow_seconds / time_scale,
+        late_seconds=faults.late_seconds / time_scale,
+        throttle_seconds=(
+            float(max(1, round(faults.throttle_seconds / time_scale)))
+            if faults.throttle_seconds
+            else 0.0
+        ),
+    )

@@ -7,7 +7,7 @@ are generated from the shapes in ``txagg.shapes`` when the document is built.
 from __future__ import annotations
 
 from .. import __version__
-from ..httpserve import PROBLEM_TYPE
+from ..httpserve import PROBLEM_TYPE, docs_redirect_doc
 from .config import MockConfig
 from .faults import Faults
 
@@ -37,8 +37,9 @@ def _transactions_operation(config: MockConfig, parameters: list[dict]) -> dict:
     return {
         "summary": "Transactions with startDate <= createdAt <= endDate, in createdAt order",
         "description": (
-            f"Rate limited: {config.rate_limit} requests per {config.per:g} seconds (token "
-            "bucket). Broken records may be mixed in; meta counts every record on the pages. "
+            f"Rate limited: {config.rate_limit} requests per {config.real_per:g} seconds (token "
+            f"bucket{_time_scale_note(config)}). Broken records may be mixed in; meta counts "
+            "every record on the pages. "
             f"Injected faults (--faults): {faults.spec() or 'none'}; counted at GET /faults."
         ),
         "operationId": "listTransactions",
@@ -56,6 +57,12 @@ def _transactions_operation(config: MockConfig, parameters: list[dict]) -> dict:
             **_fault_responses(faults),
         },
     }
+
+
+def _time_scale_note(config: MockConfig) -> str:
+    if config.time_scale == 1:
+        return ""
+    return f"; --per {config.per:g} at --time-scale {config.time_scale:g}"
 
 
 def _fault_responses(faults: Faults) -> dict:
@@ -177,6 +184,13 @@ def openapi_document(config: MockConfig) -> dict:
                     "summary": "Human-readable list of the routes",
                     "operationId": "docs",
                     "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "Redirects to /docs",
+                    "operationId": "root",
+                    "responses": docs_redirect_doc(),
                 }
             },
         },

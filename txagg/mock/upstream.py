@@ -2,7 +2,7 @@
 
 No HTTP here. The state is a pure function of the seed, the options and the clock: the k-th live
 transaction becomes visible at ``start + k * 60 / tx_per_minute`` seconds, whenever it is asked
-for.
+for. Everything here runs on the wall clock: the options' ``real_*`` values (``--time-scale``).
 """
 
 from __future__ import annotations
@@ -189,7 +189,11 @@ class MockUpstream:
         self._invalid_rng = random.Random(f"txagg-mock-invalid:{config.seed}")
         self._live_made = 0
         self._visible_now_ms = self.start_ms
-        self._late_max_ms = int(config.late_max * 1000)
+        self._late_max_ms = int(config.real_late_max * 1000)
+        self._tx_per_minute = config.real_tx_per_minute
+        live_for = config.real_live_for
+        self._live_until_ms = None if live_for is None else self.start_ms + int(live_for * 1000)
+        self._conflict_delay_ms = CONFLICT_DELAY_MS / config.time_scale
         # Recent earnings per user, so a late spend never drives an earlier balance negative.
         late_mode = config.late_ratio > 0 and self._late_max_ms > 0
         self._recent_earned: list[deque] | None = (
@@ -268,25 +272,20 @@ class MockUpstream:
         self.ledger.add(created_ms, render_fields(fields))
 
     def _visible_ms(self, k: int) -> int:
-        return self.start_ms + int(k * 60_000 / self.config.tx_per_minute)
-
-    def _live_until_ms(self) -> int | None:
-        if self.config.live_for is None:
-            return None
-        return self.start_ms + int(self.config.live_for * 1000)
+        return self.start_ms + int(k * 60_000 / self._tx_per_minute)
 
     def _is_live(self, now_ms: int) -> bool:
-        until = self._live_until_ms()
+        until = self._live_until_ms
         return until is None or now_ms <= until
 
     def _live_due(self, now_ms: int) -> int:
         """How many live transactions are visible at now_ms (none after live_for)."""
-        until = self._live_until_ms()
+        until = self._live_until_ms
         if until is not None:
             now_ms = min(now_ms, until)
-        if self.config.tx_per_minute <= 0 or now_ms < self.start_ms:
+        if self._tx_per_minute <= 0 or now_ms < self.start_ms:
             return 0
-        due = int((now_ms - self.start_ms) * self.config.tx_per_minute / 60_000)
+        due = int((now_ms - self.start_ms) * self._tx_per_minute / 60_000)
         while self._visible_ms(due + 1) <= now_ms:
             due += 1
         while due > 0 and self._visible_ms(due) > now_ms:
@@ -325,7 +324,7 @@ class MockUpstream:
     def _plan_conflict(self, created_ms: int, tx_id: str, user_id: str, kind: str, cents: int):
         """A second version of a transaction (another amount), shown a little later."""
         rng = self._conflict_rng
-        at_ms = created_ms + 1 + int(rng.random() * CONFLICT_DELAY_MS)
+        at_ms = created_ms + 1 + int(rng.random() * self._conflict_delay_ms)
         other = cents + 1 + int(rng.random() * cents)
         text = render_transaction(tx_id, user_id, format_timestamp(at_ms), kind, other)
         heapq.heappush(self._pending_conflicts, (at_ms, self._live_made, text))

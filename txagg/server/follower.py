@@ -6,6 +6,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..binding import record_failure, recorder
 from ..store import Store
 from ..sync import Syncer, SyncOptions
 
@@ -59,7 +60,18 @@ class Follower:
 
     def _follow_once(self) -> None:
         with Store.open(self.db) as store, store.sync_lock():
-            syncer = Syncer(store, self.options, stop=self.stop_event, on_error=self._error)
+
+            def on_error(message: str) -> None:
+                self._error(message)
+                record_failure(store, message)  # for status --check, until a poll gets through
+
+            syncer = Syncer(
+                store,
+                self.options,
+                stop=self.stop_event,
+                on_error=on_error,
+                on_page=recorder(store, self.options),  # the store belongs to this upstream
+            )
             try:
                 syncer.follow()
             finally:

@@ -12,10 +12,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from ..store import Store
 
 USERS_ROUTE = "/users/{userId}"
-STATIC_ROUTES = ("/payouts", "/status", "/healthz", "/metrics", "/openapi.json", "/docs")
+STATIC_ROUTES = ("/payouts", "/status", "/healthz", "/metrics", "/openapi.json", "/docs", "/")
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # The statuses this app answers with; any other is counted in its class ("4xx", "5xx", ...).
-KNOWN_STATUSES = (200, 304, 400, 401, 404, 405, 413, 414, 431, 500, 503)
+KNOWN_STATUSES = (200, 304, 307, 400, 401, 404, 405, 413, 414, 431, 500, 503)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ROUTE_LABELS = frozenset({*STATIC_ROUTES, USERS_ROUTE, "unmatched"})
 

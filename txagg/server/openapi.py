@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .. import __version__
 from .. import server as package  # QUERY_SECONDS is read from there at call time
-from ..httpserve import JSON_TYPE
+from ..httpserve import JSON_TYPE, docs_redirect_doc
 from ..httpserve import problem_response_doc as _problem_response
 from ..report import STALE_AFTER_SECONDS
 from .config import MAX_HEADER_BYTES, MAX_PATH_BYTES, ServeConfig
@@ -225,6 +225,13 @@ def openapi_document(config: ServeConfig) -> dict:
                 "docs",
                 {"description": "HTML", "content": {"text/html": {}}},
             ),
+            "/": {
+                "get": {
+                    "summary": "Redirects to /docs",
+                    "operationId": "root",
+                    "responses": {**docs_redirect_doc(), **_common_errors(config)},
+                }
+            },
         },
         "components": _components(
             config, openapi_schemas(UserReport, Payout, PayoutPage, Status, Health, Problem)

@@ -1,5 +1,6 @@
 """The routes served by Starlette: ``/payouts``, ``/status``, ``/healthz``, ``/metrics``,
-``/openapi.json`` and ``/docs``, with their query parsing and error answers.
+``/openapi.json``, ``/docs`` and ``/`` (a redirect to ``/docs``), with their query parsing and
+error answers.
 
 ``Views`` is a mixin of ``app.ServerApp``: its handlers use the app's ``config``, ``follower``,
 ``snapshot``, ``reader``, ``metrics``, ``document_bytes``, ``docs_bytes`` and ``limiter``. Routes
@@ -25,7 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import server as package  # QUERY_SECONDS is read from there at call time
-from ..httpserve import JSON_TYPE, Answer, BadRequest, problem
+from ..httpserve import JSON_TYPE, Answer, BadRequest, docs_redirect, problem
 from ..models import MAX_USER_ID_LENGTH, dumps, parse_time
 from ..report import STALE_AFTER_SECONDS, status_report
 from ..store import DamagedStore, Store, StoreError
@@ -159,7 +160,7 @@ class Reader:
 
     def status(self) -> Answer:
         options = self.config.sync_options
-        rate, per = (options.rate_limit, options.per) if options else (5, 60.0)
+        rate, per = (options.rate_limit, options.per) if options else (None, None)
         with self.pool.store() as store:
             body = status_report(store, rate=rate, per=per)
         body["follow"] = self.follow_state()
@@ -184,6 +185,7 @@ class Views:
             Route("/metrics", self._metrics, methods=["GET"]),
             Route("/openapi.json", self._openapi, methods=["GET"]),
             Route("/docs", self._docs, methods=["GET"]),
+            Route("/", self._root, methods=["GET"]),
         ]
         handlers = {
             BadRequest: self._bad_request,
@@ -253,6 +255,9 @@ class Views:
 
     async def _docs(self, request: Request) -> Response:
         return Response(self.docs_bytes, media_type="text/html; charset=utf-8")
+
+    async def _root(self, request: Request) -> Response:
+        return docs_redirect()
 
     async def _bad_request(self, request: Request, error: Exception) -> Response:
         return problem(400, str(error)).response()
