@@ -120,6 +120,7 @@ def main() -> None:
                 "--db",
                 db,
                 "--json",
+                "--quiet",  # no line per poll and check: stderr is read only if it dies
                 *sync_args,
             ),
             stdout=subprocess.PIPE,

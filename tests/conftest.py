@@ -1,8 +1,11 @@
-"""Shared fixtures: fresh stores in temp dirs, a real mock upstream, a scripted upstream."""
+"""Shared fixtures: fresh stores in temp dirs (and in a PostgreSQL database of the session's
+own), a real mock upstream, a scripted upstream."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import secrets
 import subprocess
 import threading
 import time
@@ -18,7 +21,7 @@ import pytest
 
 from txagg import testing
 from txagg.models import dumps, format_timestamp, parse_time
-from txagg.store import Store
+from txagg.store import Store, StoreError, is_postgres_url
 from txagg.testing import FakeClock, MockProcess, txagg_command  # noqa: F401 (for tests)
 
 START = 1_700_000_000_000  # a fixed clock anchor (2023-11-14T22:13:20Z) for reproducible data
@@ -170,6 +173,13 @@ def peek(db: str | Path, read: Callable[[Store], object]) -> object:
     connection (None while the store is not there or not readable yet)."""
     import sqlite3
 
+    if is_postgres_url(db):
+        try:
+            with Store.open(db, create=False, read_only=True) as store:
+                return read(store)
+        except StoreError:
+            return None
+
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     except sqlite3.Error:
@@ -213,6 +223,8 @@ class FakeUpstream:
         start = parse_time(query["startDate"])
         end = parse_time(query["endDate"])
         page, limit = int(query["page"]), int(query["limit"])
+        if page < 1 or not 1 <= limit <= 1000:  # as the contract refuses them
+            return httpx.Response(400, json={"detail": f"page {page}, limit {limit}"})
         visible = sorted(
             (created, tx_id)
             for tx_id, created, visible_at in self.items
@@ -318,3 +330,79 @@ class RawUpstream:
 @pytest.fixture
 def raw_upstream() -> Callable[[Callable], RawUpstream]:
     yield from _serving(RawUpstream)
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+# The server the PostgreSQL tests use (a URL without a database); CI starts one (.ci/run).
+POSTGRES_SERVER = os.environ.get("TXAGG_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+_schemas = itertools.count(1)
+
+
+def _no_postgres(why: str):
+    """Skip where no PostgreSQL can be had; on CI (CI=true), which has one, fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"the PostgreSQL tests cannot run on CI: {why}")
+    pytest.skip(f"no PostgreSQL for these tests: {why}")
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """The URL of a database of this test session's own (txagg_test_<pid>_<random>), dropped
+    at the end, its leftover connections ended first."""
+    try:
+        import psycopg
+    except ImportError:
+        _no_postgres("psycopg is not installed (pip install -e '.[test]')")
+    name = f"txagg_test_{os.getpid()}_{secrets.token_hex(4)}"
+    try:
+        admin = psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True, connect_timeout=10)
+    except psycopg.Error as error:
+        _no_postgres(f"cannot connect to {POSTGRES_SERVER}: {error}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{POSTGRES_SERVER}/{name}"
+        finally:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def new_pg_store_url(database_url: str) -> str:
+    """The URL of a new, empty store: a schema of its own in ``database_url``'s database."""
+    import psycopg
+
+    schema = f"store_{next(_schemas)}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return f"{database_url}?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def pg_url(pg_database) -> str:
+    """A fresh, empty PostgreSQL store's URL (each test its own schema)."""
+    return new_pg_store_url(pg_database)
+
+
+def run_sql(location: str | Path, statement: str, params: tuple = ()) -> list[tuple]:
+    """Run one statement (``?`` placeholders) on the store at ``location`` from outside txagg,
+    as another program or a person at a SQL prompt would; its rows, committed."""
+    if is_postgres_url(location):
+        import psycopg
+
+        with psycopg.connect(location, autocommit=True) as conn:
+            cursor = conn.execute(statement.replace("?", "%s"), params)
+            return cursor.fetchall() if cursor.description else []
+    import sqlite3
+
+    conn = sqlite3.connect(location)
+    try:
+        rows = conn.execute(statement, params).fetchall()
+        conn.commit()
+        return rows
+    finally:
+        conn.close()

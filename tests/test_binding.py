@@ -218,7 +218,7 @@ def test_serve_follow_uses_the_stores_upstream(tmp_path, scripted):
     server.requests.clear()
     process = subprocess.Popen(
         txagg_command("serve", "--follow", "--db", str(db), "--port", "0", "--interval", "0.2",
-                      *FAST),
+                      *FAST, "--quiet"),  # no line per poll and check: stderr is read last
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

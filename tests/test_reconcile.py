@@ -161,3 +161,16 @@ def test_the_first_look_goes_where_late_arrivals_were_found(tmp_path):
         upstream.queries.clear()
         sync.check()
         assert upstream.queries[0]["page"] == "14"  # the page holding high - 25 s
+
+
+def test_a_check_of_a_window_the_store_holds_nothing_of_asks_for_page_1(tmp_path):
+    clock = FakeClock(BASE_S + 100)
+    upstream = Recorded([], clock, True, True)
+    with Store.open(tmp_path / "s.db") as store:
+        sync = syncer(store, upstream, clock)
+        sync.run()
+        upstream.items = [("tx1", (BASE_S + 5) * 1000, BASE_S + 5)]  # a late one, all alone
+        upstream.queries.clear()
+        sync.check()
+        assert [query["page"] for query in upstream.queries] == ["1"]
+        assert stored_ids(store) == {"tx1"}

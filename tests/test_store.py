@@ -1,10 +1,13 @@
+"""The store contract, on both backends: every test taking ``location`` or ``store`` runs on a
+SQLite file and on a PostgreSQL store (a schema of its own in the test session's database)."""
+
 import sqlite3
 from decimal import Decimal
 
 import httpx
 import pytest
 from conftest import START as START_MS
-from conftest import record, run_txagg
+from conftest import record, run_sql, run_txagg
 
 from txagg.store import (
     MIGRATIONS_TABLE,
@@ -18,29 +21,49 @@ from txagg.store import (
 )
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def location(request, tmp_path):
+    """Where a fresh store goes: a SQLite file, or a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return tmp_path / "store.db"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store(location):
+    with Store.open(location) as opened:
+        yield opened
+
+
+def is_sqlite(store) -> bool:
+    return isinstance(store.conn, sqlite3.Connection)
+
+
 def test_a_fresh_store_records_its_migrations(store):
     rows = store.conn.execute(f"SELECT version, name FROM {MIGRATIONS_TABLE}").fetchall()
     assert [version for version, _ in rows] == list(range(1, SCHEMA_VERSION + 1))
-    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    if is_sqlite(store):
+        assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_reopening_migrates_nothing_twice(db_path):
-    Store.open(db_path).close()
-    with Store.open(db_path) as again:
+def test_reopening_migrates_nothing_twice(location):
+    Store.open(location).close()
+    with Store.open(location) as again:
         count = again.conn.execute(f"SELECT count(*) FROM {MIGRATIONS_TABLE}").fetchone()[0]
         assert count == SCHEMA_VERSION
 
 
-def test_a_newer_store_is_refused_clearly(db_path):
-    Store.open(db_path).close()
-    conn = sqlite3.connect(db_path)
-    conn.execute(
-        f"INSERT INTO {MIGRATIONS_TABLE} VALUES (?, 'from the future', 'x')", (SCHEMA_VERSION + 1,)
+def test_a_newer_store_is_refused_clearly(location):
+    Store.open(location).close()
+    run_sql(
+        location,
+        f"INSERT INTO {MIGRATIONS_TABLE} VALUES (?, 'from the future', 'x')",
+        (SCHEMA_VERSION + 1,),
     )
-    conn.commit()
-    conn.close()
     with pytest.raises(StoreTooNew, match="newer txagg"):
-        Store.open(db_path)
+        Store.open(location)
+    with pytest.raises(StoreTooNew, match="newer txagg"):
+        Store.open(location, create=False, read_only=True)
 
 
 def test_files_that_are_not_stores_are_refused(tmp_path):
@@ -118,8 +141,8 @@ def test_rows_totals_and_cursor_change_together_or_not_at_all(store):
     assert store.state_value("position") == 5 and store.user_totals("000001").tx_count == 1
 
 
-def test_the_rate_budget_is_shared_by_every_connection(db_path):
-    with Store.open(db_path) as one, Store.open(db_path) as two:
+def test_the_rate_budget_is_shared_by_every_connection(location):
+    with Store.open(location) as one, Store.open(location) as two:
         now = 1000.0
         taken = [(one, two)[i % 2].take_token(5, 60, now)[0] for i in range(4)]
         assert taken == [0.0] * 4
@@ -132,8 +155,8 @@ def test_the_rate_budget_is_shared_by_every_connection(db_path):
         assert one.counters()["requests"] == 5 and one.counters()["throttled"] == 1
 
 
-def test_only_one_sync_lock_at_a_time(db_path):
-    with Store.open(db_path) as one, Store.open(db_path) as two:
+def test_only_one_sync_lock_at_a_time(location):
+    with Store.open(location) as one, Store.open(location) as two:
         with one.sync_lock():
             with pytest.raises(SyncLocked, match="another sync"):
                 with two.sync_lock():
@@ -183,7 +206,7 @@ MAX_TOTAL_CENTS = 10**18  # the documented per-user maximum of earned, spent and
 MAX_SCR = Decimal(10**11)  # models.MAX_AMOUNT_CENTS in SCR: the largest valid amount
 
 
-def test_totals_stop_at_their_maximum_and_what_would_pass_it_is_quarantined(store, db_path):
+def test_totals_stop_at_their_maximum_and_what_would_pass_it_is_quarantined(store, location):
     from txagg import store as store_module
     from txagg.server import ServeConfig, start_in_thread
 
@@ -227,14 +250,14 @@ def test_totals_stop_at_their_maximum_and_what_would_pass_it_is_quarantined(stor
         '"paidOut": 10000000000000000, "transactions": 200001, '
         '"lastTransactionAt": "2023-11-14T22:18:21.000Z", "asOf": "2023-11-14T22:20:00Z"}\n'
     )
-    fast = run_txagg("report", "000001", "--db", str(db_path), "--json")
+    fast = run_txagg("report", "000001", "--db", str(location), "--json")
     assert (fast.returncode, fast.stdout, fast.stderr) == (0, report, "")
-    full = run_txagg("report", "000001", "--db", str(db_path), "--eur-per-scr", "0.915")
+    full = run_txagg("report", "000001", "--db", str(location), "--eur-per-scr", "0.915")
     assert full.returncode == 0, full.stderr
     assert full.stdout == report.replace(
         '"paidOut": 10000000000000000', '"paidOut": 9150000000000000'
     )
-    url, stop = start_in_thread(ServeConfig(db=db_path, port=0))
+    url, stop = start_in_thread(ServeConfig(db=location, port=0))
     try:
         answer = httpx.get(f"{url}/users/000001", timeout=30)
     finally:

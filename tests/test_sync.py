@@ -121,6 +121,7 @@ def test_follow_stops_cleanly_on_sigterm(mock_process, tmp_path):
             "--settle",
             "0",
             "--json",
+            "--quiet",  # no line per poll and check: nobody reads stderr until the end
         ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

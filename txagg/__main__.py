@@ -12,15 +12,23 @@ import sys
 
 from .errors import EXIT_FAILURE, EXIT_NO_SUCH_USER
 
+# Variables that change report's answer or how it is written: the full CLI handles them.
+_CHANGE_THE_ANSWER = ("TXAGG_EUR_PER_SCR", "TXAGG_FORMAT", "TXAGG_JSON", "TXAGG_LOG_FORMAT")
+
 
 def _fast_report(argv: list[str]) -> int | None:
-    """Answer ``report USER_ID [--json] [--db PATH]`` as JSON, or None to fall through."""
+    """Answer ``report USER_ID [--json | --format json] [--db PATH]`` from a SQLite store as
+    JSON, or None to fall through."""
     if len(argv) < 2 or argv[0] != "report":
         return None
     user_id, db, want_json = None, os.environ.get("TXAGG_DB"), False
     args = iter(argv[1:])
     for arg in args:
         if arg == "--json":
+            want_json = True
+        elif arg == "--format" or arg.startswith("--format="):
+            if (next(args, None) if arg == "--format" else arg[len("--format=") :]) != "json":
+                return None
             want_json = True
         elif arg == "--db":
             db = next(args, None)
@@ -34,8 +42,12 @@ def _fast_report(argv: list[str]) -> int | None:
             user_id = arg
     if user_id is None or not (want_json or not sys.stdout.isatty()):
         return None
-    if "TXAGG_EUR_PER_SCR" in os.environ:
+    if any(name in os.environ for name in _CHANGE_THE_ANSWER):
         return None
+    if db is not None and os.path.isdir(db):  # bad usage: the full CLI names the option
+        return None
+    if db and db[:11].lower().startswith(("postgresql:", "postgres:")):
+        return None  # a PostgreSQL store: the full CLI opens it (or says what is missing)
 
     import sqlite3
 
@@ -69,10 +81,16 @@ def main() -> None:
     try:
         app(prog_name="txagg")
     except Exception as error:  # a bug: say so in one line, the traceback only on request
-        if os.environ.get("TXAGG_DEBUG"):
-            raise
+        import logging
 
-        print(f"Error: internal error: {error!r} (set TXAGG_DEBUG=1 for details)", file=sys.stderr)
+        if os.environ.get("TXAGG_DEBUG") or logging.getLogger("txagg").isEnabledFor(logging.DEBUG):
+            raise  # TXAGG_DEBUG=1, or -vv
+
+        print(
+            f"Error: internal error: {error!r} (run it again with -vv, or TXAGG_DEBUG=1, "
+            "for details)",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_FAILURE)
 
 

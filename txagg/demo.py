@@ -56,7 +56,7 @@ def claim(store: Store) -> None:
     store.put_state(**{DEMO_MARK: demo_upstream()})
 
 
-def run_demo(db: Path | None = None) -> dict:
+def run_demo(db: Path | str | None = None) -> dict:
     """Run the whole loop once and return what a newcomer should see."""
     from .mock import MockConfig, start_in_thread
 
@@ -85,7 +85,7 @@ def run_demo(db: Path | None = None) -> dict:
                 richest = max(truth, key=lambda item: item["payout"])["userId"]
                 return {
                     "upstream": url,
-                    "store": str(path),
+                    "store": str(store.path),
                     "sync": summary.as_dict(),
                     "seconds": round(seconds, 2),
                     "report": user_report(store, richest),

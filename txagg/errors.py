@@ -8,6 +8,7 @@ The tree::
     │   ├── NotAStore             a file that is not a txagg store
     │   ├── StoreTooNew           written by a newer txagg: upgrade
     │   ├── DamagedStore          a stored figure txagg never writes
+    │   ├── QueryTimeout          a read took longer than it may (an HTTP 503)
     │   └── SyncLocked            another sync (or verify) holds the store          exit 75
     ├── UpstreamError             the upstream cannot be read, past every retry     exit 1
     ├── NoUpstream                no --api-url, and the store has no upstream yet   exit 2
@@ -88,6 +89,10 @@ class DamagedStore(StoreError):
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+class QueryTimeout(StoreError):
+    """A read cut short because it took longer than it may (``read_snapshot``)."""
 
 
 class SyncLocked(StoreError):

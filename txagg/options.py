@@ -1,5 +1,6 @@
 """What a sync is told (``SyncOptions``: shared by sync, verify and ``serve --follow``, and the
-defaults of their command-line options) and what it reports (``SyncSummary``)."""
+defaults of their command-line options) and what it reports (``SyncSummary``; ``SyncProgress``
+while it runs, for a progress display)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,24 @@ class SyncSummary(IngestCounts):
     def as_dict(self) -> dict:
         values = asdict(self)
         return {key: values[name] for name, key in self.JSON_KEYS.items()}
+
+
+@dataclass
+class SyncProgress:
+    """Where a run stands, for a progress display (``Syncer(on_progress=...)``): the window
+    being read, how far into it, what the upstream says it holds, and any wait for the budget.
+
+    ``total`` is the upstream's ``meta.totalItems`` for the window (None when it gave none: the
+    contract does not promise it right, so a display treats it as an estimate). ``read`` counts
+    the window's records up to the end of the last page read, this run's or an earlier one's.
+    ``waiting`` is how many seconds the next request waits for the shared budget (0: none),
+    ``blocked`` whether a 429's Retry-After is why."""
+
+    window_start: int = 0  # ms
+    window_end: int = 0  # ms
+    page: int = 0  # the last page read of the window (0: none yet)
+    page_size: int = 0
+    read: int = 0
+    total: int | None = None
+    waiting: float = 0.0
+    blocked: bool = False

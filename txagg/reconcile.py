@@ -235,15 +235,18 @@ class Reconciler:
         return self._sides(start, end, page, answer, real)
 
     def _page_for(self, start: int, end: int, records: int) -> int:
-        """The page of [start, end] (``records`` long) to probe: the one where half of the
-        instants late arrivals were found at before (``likely``) lie, when some lie inside;
-        else the middle page. A probe there splits what is likely, not what is long."""
-        pages = max(1, -(-records // self.page_size))
+        """The page of [start, end] (``records`` long) to probe: the one that halves where the
+        missing records likely are. That is half a guess from where late arrivals were found
+        before (``likely``, those inside the window) and half a spread over all the records,
+        so a probe never splits off much less than it would at the middle, even where the
+        guess is wrong. Never the last page when it is partial: a probe reads a full page."""
+        full_pages = max(1, records // self.page_size)
         inside = [moment for moment in self.likely if start < moment < end]
-        if not inside:
-            return (pages + 1) // 2
-        before = self.store.count_window(start, inside[len(inside) // 2])[1]
-        return min(pages, before // self.page_size + 1)
+        if not inside or records <= self.page_size:
+            return max(1, min(full_pages, (-(-records // self.page_size) + 1) // 2))
+        ranks = sorted(self.store.count_window(start, moment)[1] for moment in inside)
+        rank = _mixed_median(ranks, records)
+        return min(full_pages, rank // self.page_size + 1)
 
     def _read(self, start: int, end: int, page: int, counting: bool = False) -> Page:
         """A page of [start, end], stored; ``counting``: read for its count (not a page read)."""
@@ -350,6 +353,19 @@ class Reconciler:
         self.store.put_state(discrepancies=(recorded + [found])[-MAX_DISCREPANCIES:])
         self.found.append(found)
         return found
+
+
+def _mixed_median(ranks: list[int], records: int) -> int:
+    """The rank r in [0, records] where half of an even mixture of the uniform spread over the
+    records and the sorted ``ranks`` lies below: 0.5 r / records + 0.5 #{ranks <= r} / k = 0.5."""
+    k, previous = len(ranks), 0
+    for index, at in enumerate(ranks):
+        # Below ``at`` (and from ``previous``) the mixture is 0.5 r / records + 0.5 index / k.
+        r = records * (1 - index / k)
+        if r < at:
+            return int(max(r, previous))
+        previous = at
+    return previous
 
 
 def _dates_inside(items: list, start: int, end: int) -> list[int]:

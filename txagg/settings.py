@@ -22,6 +22,7 @@ OVERLAP_SECONDS = 300.0  # how far behind its position late arrivals are still c
 SETTLE_SECONDS = 5.0  # a run reads up to now minus this
 INTERVAL_SECONDS = 30.0  # --follow: the longest pause between polls
 CHECK_EVERY = 120.0  # seconds between late-arrival checks (sooner while the budget is idle)
+MIN_CHECK_SECONDS = 1.0  # ... but following, never sooner than this, however large the budget
 TIMEOUT_SECONDS = 30.0  # a whole request: connect, headers and body
 RETRY_FOR_SECONDS = 300.0  # give up on a failing upstream after this long
 BACKOFF_INITIAL = 1.0

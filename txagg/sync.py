@@ -39,12 +39,13 @@ from .errors import (  # noqa: F401 (re-exported: sync's failures)
     UpstreamError,
 )
 from .models import format_instant
-from .options import SyncOptions, SyncSummary
+from .options import SyncOptions, SyncProgress, SyncSummary
 from .reconcile import Reconciler
 from .settings import (  # noqa: F401 (PAGE_SIZE, MAX_RESPONSE_BYTES re-exported)
     LATE_AGES_KEPT,
     MAX_RESPONSE_BYTES,
     MAX_UNRELIABLE_BACKOFF,
+    MIN_CHECK_SECONDS,
     PAGE_SIZE,
     SEARCH_MAY_DELAY_POLL_MS,
     STALE_AFTER_SECONDS,
@@ -66,6 +67,7 @@ class Syncer:
         *,
         on_page: Callable[[SyncSummary], None] | None = None,
         on_error: Callable[[str], None] | None = None,
+        on_progress: Callable[[SyncProgress], None] | None = None,
         stop: threading.Event | None = None,
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], float] = time.time,
@@ -76,10 +78,14 @@ class Syncer:
         self.summary = SyncSummary()
         self.on_page = on_page or (lambda summary: None)
         self.on_error = on_error or (lambda message: None)
+        self.on_progress = on_progress
+        self.progress = SyncProgress(page_size=options.page_size)
         self.stop = stop or threading.Event()
         self.clock = clock
         self.pause = sleep or self._sleep
         self.upstream = Upstream(store, options, self.summary, self.pause, transport, clock)
+        if on_progress is not None:
+            self.upstream.on_wait = self._waiting
         self.following = False
         self.late_seen = False  # a page repeated records: some arrived late before it
         self.reconciler = Reconciler(store, self.upstream, self.summary, options.page_size)
@@ -132,8 +138,15 @@ class Syncer:
     def run(self, *, defer_full_pages: bool = False) -> SyncSummary:
         """Read everything up to now - settle; returns the summary (complete=False if cut short)."""
         end = int(self.clock() - self.options.settle) * 1000
+        start = self._cursor()[0]
+        before = _counts(self.summary)
         try:
-            caught_up = self._read_until(end, defer_full_pages)
+            try:
+                caught_up = self._read_until(end, defer_full_pages)
+            except RequestLimitReached:
+                self._say_poll(start, end, before, caught_up=False)
+                raise
+            self._say_poll(start, end, before, caught_up)
             if caught_up and self._check_due():
                 self.check()
             self.summary.complete = caught_up
@@ -159,6 +172,8 @@ class Syncer:
             self.summary.pages += 1
             self.summary.add_ingest(ingested)
             self.on_page(self.summary)
+            if self.on_progress is not None:
+                self._tell_progress(start, end, page, len(result.items), result.total)
             if not full:
                 return True
             # Following, ask now only for a page the upstream says is full: a few leftover
@@ -167,11 +182,97 @@ class Syncer:
             if defer_full_pages and not full_page_promised:
                 return True
 
+    # ------------------------------------------------------------ what it says
+
+    def _tell_progress(self, start: int, end: int, page: int, items: int, total: int | None):
+        progress = self.progress
+        progress.window_start, progress.window_end, progress.page = start, end, page
+        progress.read = (page - 1) * progress.page_size + items
+        progress.total = total
+        progress.waiting, progress.blocked = 0.0, False
+        self.on_progress(progress)
+
+    def _waiting(self, seconds: float, blocked: bool) -> None:
+        self.progress.waiting, self.progress.blocked = seconds, blocked
+        self.on_progress(self.progress)
+
+    def _say_poll(self, start: int, end: int, before: dict, caught_up: bool) -> None:
+        """One INFO line per poll: the window read, what it brought, the lag, the requests."""
+        done = {name: value - before[name] for name, value in _counts(self.summary).items()}
+        as_of = self.store.state_value("as_of")
+        lag = None if as_of is None else max(0, self._behind_ms() // 1000)
+        window = f"{format_instant(start)}..{format_instant(max(start, end))}"
+        records = done["new"] + done["duplicates"] + done["quarantined"] + done["conflicts"]
+        words = [
+            f"poll: window {window}",
+            _count(done["pages"], "page"),
+            _count(records, "record"),
+            f"{done['new']} new",
+        ]
+        words += [f"{done[name]} {name}" for name in ("quarantined", "conflicts") if done[name]]
+        words.append("lag unknown" if lag is None else f"lag {lag} s")
+        words.append(_count(done["requests"], "request"))
+        if not caught_up:
+            words.append("more to read")
+        log.info(
+            ", ".join(words),
+            extra={
+                "event": "poll",
+                "windowStart": format_instant(start),
+                "windowEnd": format_instant(max(start, end)),
+                "records": records,
+                **done,
+                "caughtUp": caught_up,
+                "asOf": None if as_of is None else format_instant(as_of),
+                "lagSeconds": lag,
+            },
+        )
+
+    def _say_check(self, found: dict, requests: int, discrepancies: int) -> None:
+        """One INFO line per late-arrival check: its window, the upstream's count against
+        the store's, and what was repaired."""
+        start, end = found.get("window", [None, None])
+        words = [f"check: window {start}..{end}"]
+        if found.get("resumed"):
+            words.append("resumed the repair left pending")
+        elif found.get("upstream") is None:
+            words.append(f"the upstream gave no count (stored {found.get('stored')})")
+        else:
+            words.append(f"upstream {found['upstream']} vs stored {found['stored']}")
+        if "repairedTo" in found:
+            words.append(f"repaired to {found['repairedTo']}")
+        elif found.get("notChased"):
+            words.append("not chased (its counts have proved unreliable)")
+        elif not found.get("resumed") and found.get("upstream") == found.get("stored"):
+            words.append("nothing to repair")
+        pending = len(self.reconciler.pending)
+        if pending:
+            words.append(f"{_count(pending, 'window')} still to repair")
+        if discrepancies:
+            words.append(f"{_count(discrepancies, 'discrepancy')} recorded")
+        words.append(_count(requests, "request"))
+        log.info(
+            ", ".join(words),
+            extra={
+                "event": "check",
+                "windowStart": start,
+                "windowEnd": end,
+                "upstream": found.get("upstream"),
+                "stored": found.get("stored"),
+                "repairedTo": found.get("repairedTo"),
+                "resumed": bool(found.get("resumed")),
+                "pendingWindows": pending,
+                "discrepancies": discrepancies,
+                "requests": requests,
+            },
+        )
+
     # ------------------------------------------------------------ late arrivals
 
     def _check_due(self) -> bool:
-        """A check is due every ``check_every`` seconds; sooner (down to one token period)
-        while the shared budget is about full, i.e. idle."""
+        """A check is due every ``check_every`` seconds; sooner (down to one token period, and
+        following, never twice within MIN_CHECK_SECONDS) while the shared budget is about full,
+        i.e. idle."""
         options = self.options
         if options.check_every is None:
             return False
@@ -181,7 +282,11 @@ class Syncer:
         elapsed = (self._now_ms() - last) / 1000
         if elapsed >= options.check_every:
             return True
-        if elapsed < min(options.check_every, options.per / options.rate_limit):
+        # Following, never twice within MIN_CHECK_SECONDS, however large the budget.
+        soonest = options.per / options.rate_limit
+        if self.following:
+            soonest = max(soonest, MIN_CHECK_SECONDS)
+        if elapsed < min(options.check_every, soonest):
             return False
         if self.late_seen or self.store.state_value("repair_pending"):
             # A repair under way, or a page that showed a late arrival: any spare token.
@@ -219,6 +324,7 @@ class Syncer:
             chase = distrust is None or now_ms >= distrust["retryAtMs"]
             budget = [self.options.max_repair_requests]
             before = self.summary.requests
+            discrepancies = self.summary.discrepancies
             pending = self.store.state_value("repair_pending")
             ages = self.store.state_value("late_ages") or []
             self.reconciler.arrived = []
@@ -235,6 +341,11 @@ class Syncer:
                     self.store.put_state(late_ages=(ages + found_ages)[-LATE_AGES_KEPT:])
             self.late_seen = self.late_seen and bool(found.get("resumed"))
             self._judge_counts(distrust, chase, now_ms)
+            self._say_check(
+                found,
+                self.summary.requests - before,
+                self.summary.discrepancies - discrepancies,
+            )
             if self.reconciler.pending:
                 # Not verified past what is still to repair: the next checks take it up.
                 high = min(high, min(window[0] for window in self.reconciler.pending))
@@ -351,6 +462,28 @@ class Syncer:
                 "behind": self.summary.lag_seconds > STALE_AFTER_SECONDS,
             }
         )
+
+
+# The summary's counts a poll line gives for that poll alone.
+_COUNTED = (
+    "pages",
+    "new",
+    "duplicates",
+    "quarantined",
+    "conflicts",
+    "requests",
+    "retries",
+    "throttled",
+)
+
+
+def _counts(summary: SyncSummary) -> dict[str, int]:
+    return {name: getattr(summary, name) for name in _COUNTED}
+
+
+def _count(number: int, noun: str) -> str:
+    plural = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
+    return f"{number} {noun if number == 1 else plural}"
 
 
 class ArrivalRate:

@@ -70,6 +70,9 @@ class Upstream:
         self.summary = summary
         self.sleep = sleep
         self.clock = clock
+        # Told how long each wait for the budget lasts (seconds, and whether a 429 is why),
+        # then 0.0 once the token is taken: for a progress display.
+        self.on_wait: Callable[[float, bool], None] | None = None
         self.bounded = BoundedTransport() if transport is None else None
         self.http = httpx.Client(
             base_url=options.api_url.rstrip("/"),
@@ -133,11 +136,17 @@ class Upstream:
             raise RequestLimitReached()
         blocked_for = 0.0
         told = False
+        waited = False
         while True:
             wait, blocked = self.store.take_token(options.rate_limit, options.per, self.clock())
             if wait == 0.0:
                 self.summary.requests += 1
+                if waited and self.on_wait is not None:
+                    self.on_wait(0.0, False)
                 return
+            if self.on_wait is not None:
+                self.on_wait(wait, blocked)
+                waited = True
             if blocked:
                 if blocked_for >= options.retry_for:
                     raise UpstreamError(

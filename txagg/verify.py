@@ -10,7 +10,6 @@ beside a running sync; a second verify on the same store exits at once.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +25,6 @@ from .models import format_instant, parse_time
 from .options import SyncOptions, SyncSummary
 from .reconcile import Reconciler
 from .store import Store
-from .store.ingest import put_state
 from .upstream import Upstream
 
 ONE_SECOND = 1000
@@ -85,7 +83,7 @@ class Verifier:
         served from outside the window asked for, leave records newer than the position.
         Raises NothingSynced for a store with neither a position nor a transaction.
         """
-        oldest = self.store.conn.execute("SELECT min(created_at) FROM transactions").fetchone()[0]
+        oldest = self.store.oldest_created_at()
         position = self.store.state_value("position")
         if position is None and oldest is None:
             raise NothingSynced()
@@ -179,12 +177,9 @@ class Verifier:
         settled = [found for found in earlier if _inside(found, low, high)]
         if not settled:
             return
-        with self.store.transaction() as conn:
-            row = conn.execute(
-                "SELECT value FROM sync_state WHERE name = 'discrepancies'"
-            ).fetchone()
-            recorded = [] if row is None else json.loads(row[0])
-            put_state(conn, {"discrepancies": [d for d in recorded if d not in settled]})
+        self.store.edit_state(
+            "discrepancies", lambda recorded: [d for d in recorded if d not in settled], []
+        )
 
     def _sync_report(self) -> None:
         self.report.requests = self.summary.requests

@@ -35,6 +35,7 @@ class MockConfig:
     faults: str = ""  # the --faults spec (see Faults); late= and invalid= set the options above
     live_for: float | None = None  # seconds after start when live traffic (and drift) stops
     time_scale: float = 1.0  # the mock's time runs this many times faster than the clock
+    access_log: bool = False  # one log line per request (txagg.access)
 
     def __post_init__(self) -> None:
         self._apply_fault_aliases(parse_faults(self.faults))

@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 import uvicorn
 from starlette.applications import Starlette
 
-from ..httpserve import base_url
+from .. import logs
+from ..httpserve import AccessLog, base_url
 from .app import create_app
 from .config import MockConfig
 from .upstream import MockUpstream
@@ -60,7 +61,10 @@ def _bind(host: str, port: int) -> tuple[socket.socket, str]:
     return sock, base_url(bound_host, bound_port)
 
 
-def _uvicorn_config(app: Starlette) -> uvicorn.Config:
+def _uvicorn_config(app: Starlette, config: MockConfig) -> uvicorn.Config:
+    if config.access_log:  # txagg's own line per request, in txagg's log format
+        logs.enable_access_log()
+        app = AccessLog(app)
     return uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3
     )
@@ -71,7 +75,7 @@ def serve(config: MockConfig, on_ready: Callable[[str], None] | None = None) -> 
     sock, url = _bind(config.host, config.port)
     with sock:
         app = create_app(MockUpstream(config), config)
-        server = _Server(_uvicorn_config(app), lambda: on_ready and on_ready(url))
+        server = _Server(_uvicorn_config(app, config), lambda: on_ready and on_ready(url))
         server.run(sockets=[sock])
 
 
@@ -89,7 +93,7 @@ def start_in_thread(
         sock.close()
         raise
     ready = threading.Event()
-    server = _Server(_uvicorn_config(app), ready.set)
+    server = _Server(_uvicorn_config(app, config), ready.set)
     thread = threading.Thread(
         target=lambda: asyncio.run(server.serve(sockets=[sock])), name="txagg-mock", daemon=True
     )

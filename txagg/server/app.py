@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import sqlite3
-import sys
 from time import perf_counter
 from urllib.parse import unquote_to_bytes
 
@@ -32,11 +32,9 @@ from .openapi import openapi_document
 from .snapshot import READER_CACHE_KIB, Snapshot, StorePool, etag_matches, open_reader
 from .views import Reader, Views, store_problem
 
-USER_SQL = (
-    "SELECT user_id, earned, spent, payout, tx_count, last_tx_at FROM users WHERE user_id = ?"
-)
 UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="txagg"'}
 INVALID_TOKEN = {"WWW-Authenticate": 'Bearer realm="txagg", error="invalid_token"'}
+log = logging.getLogger("txagg.serve")
 
 
 class ServerApp(Views):
@@ -140,7 +138,7 @@ class ServerApp(Views):
         try:
             await self.router(scope, receive, send_and_note)
         except Exception as error:  # Starlette has answered 500; keep serving
-            print(f"txagg serve: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            log.error("%s: %s", type(error).__name__, error)
         return status[0]
 
     # ------------------------------------------------------------ GET /users/{userId}
@@ -154,7 +152,7 @@ class ServerApp(Views):
         snapshot = self.snapshot
         try:
             snapshot.refresh()
-        except sqlite3.Error as error:
+        except (StoreError, sqlite3.Error) as error:
             return await send_answer(send, self._store_failed(error), head)
         if if_none_match is not None and etag_matches(if_none_match, snapshot.etag):
             await send(
@@ -166,7 +164,7 @@ class ServerApp(Views):
         row = None
         try:
             if len(text) <= MAX_USER_ID_LENGTH:  # longer ids cannot exist: skip the lookup
-                row = snapshot.store.conn.execute(USER_SQL, (text,)).fetchone()
+                row = snapshot.store.user_row(text)
             body = None if row is None else self.user_body(row)
         except (StoreError, sqlite3.Error) as error:
             return await send_answer(send, self._store_failed(error), head)
@@ -182,7 +180,7 @@ class ServerApp(Views):
     def user_body(self, row: tuple) -> bytes:
         """The exact bytes of ``report --json`` (without its newline), built from the row;
         DamagedStore when the row holds what ingest never writes."""
-        check_user_row(self.config.db, row)
+        check_user_row(self.snapshot.store.path, row)
         user_id, earned, spent, payout, count, last = row
         paid = money(payout) if self.unit_rate else format_decimal(to_eur(payout, self.rate))
         head = (
@@ -194,8 +192,11 @@ class ServerApp(Views):
         return head.encode() + self.snapshot.as_of_json + b"}"
 
     def _store_failed(self, error: StoreError | sqlite3.Error) -> Answer:
-        message = str(error) if isinstance(error, StoreError) else explain(error, self.config.db)
-        print(f"txagg serve: {message}", file=sys.stderr, flush=True)
+        if isinstance(error, StoreError):
+            message = str(error)
+        else:
+            message = explain(error, self.snapshot.store.path)
+        log.error("%s", message)
         return store_problem(error)
 
 

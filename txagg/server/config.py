@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..report import STALE_AFTER_SECONDS
 from ..settings import PAYOUTS_PAGE_DEFAULT, PAYOUTS_PAGE_MAX
+from ..store import is_postgres_url
 from ..sync import SyncOptions
 
 DEFAULT_LIMIT = PAYOUTS_PAGE_DEFAULT  # /payouts rows per page
@@ -22,7 +23,7 @@ QUERY_SECONDS = 10  # the longest a /payouts page may take before it is a 503
 
 @dataclass
 class ServeConfig:
-    db: Path
+    db: Path | str  # a store file, or a postgresql:// URL (kept as given)
     host: str = "127.0.0.1"
     port: int = 8080
     token: str | None = None
@@ -31,9 +32,11 @@ class ServeConfig:
     follow: bool = False
     sync_options: SyncOptions | None = None
     eur_per_scr: Decimal = Decimal(1)
+    access_log: bool = False  # one log line per request (txagg.access)
 
     def __post_init__(self) -> None:
-        self.db = Path(self.db)
+        if not is_postgres_url(self.db):
+            self.db = Path(self.db)
         checks = [
             (
                 0 <= self.max_age <= STALE_AFTER_SECONDS,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from ..store import Store
 from ..sync import Syncer, SyncOptions
 
 FOLLOW_BACKOFF_MAX = 60.0
+log = logging.getLogger("txagg.serve")
 
 
 class Follower:
@@ -21,7 +22,7 @@ class Follower:
     reports the lag honestly.
     """
 
-    def __init__(self, db: Path, options: SyncOptions):
+    def __init__(self, db: Path | str, options: SyncOptions):
         self.db = db
         self.options = options
         self.stop_event = threading.Event()
@@ -44,7 +45,7 @@ class Follower:
     def _error(self, message: str) -> None:
         self.errors += 1
         self.last_error = message
-        print(f"txagg serve: sync: {message}", file=sys.stderr, flush=True)
+        log.warning("sync: %s", message, extra={"event": "sync-error"})
 
     def _run(self) -> None:
         backoff = 1.0

@@ -12,20 +12,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from decimal import Decimal
 
-from ..httpserve import announce_when_listening, base_url, resolve_address, wait_listening
+from .. import logs
+from ..httpserve import (
+    AccessLog,
+    announce_when_listening,
+    base_url,
+    resolve_address,
+    wait_listening,
+)
 from ..store import Store
 from ..sync import SyncOptions
 from .app import ServerApp, create_app
 from .config import ServeConfig
 from .follower import Follower
+
+log = logging.getLogger("txagg.serve")
 
 
 def _granian_options(host: str, port: int) -> dict:
@@ -57,7 +66,7 @@ def _event_loop_runner() -> Callable:
 class _EmbeddedServer:
     """granian embedded: the server is a task on this thread's event loop."""
 
-    def __init__(self, app: ServerApp, host: str, port: int):
+    def __init__(self, app: ServerApp | AccessLog, host: str, port: int):
         from granian.server.embed import Server
 
         self.server = Server(app, **_granian_options(host, port))
@@ -84,11 +93,10 @@ def prepare_store(config: ServeConfig) -> None:
     # Without follow, serving is reading: never create, migrate or change the store.
     with Store.open(config.db, create=False, read_only=True) as store:  # NoStore says what to do
         if store.immutable:
-            print(
-                f"txagg serve: {config.db} is in a read-only folder: serving it as it is now; "
-                "restart to see later changes",
-                file=sys.stderr,
-                flush=True,
+            log.warning(
+                "%s is in a read-only folder: serving it as it is now; restart to see later "
+                "changes",
+                config.db,
             )
 
 
@@ -97,6 +105,14 @@ def start_follower(config: ServeConfig) -> Follower | None:
         return None
     assert config.sync_options is not None
     return Follower(config.db, config.sync_options).start()
+
+
+def logged(app: ServerApp, config: ServeConfig) -> ServerApp | AccessLog:
+    """The app, behind the access log when ``config.access_log`` asks for one."""
+    if not config.access_log:
+        return app
+    logs.enable_access_log()
+    return AccessLog(app)
 
 
 def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
@@ -110,7 +126,7 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
     follower = start_follower(config)
     app = create_app(config, follower)
     try:
-        server = _EmbeddedServer(app, host, port)
+        server = _EmbeddedServer(logged(app, config), host, port)
         announce_when_listening(host, port, url, on_ready)
         _event_loop_runner()(server.serve(handle_signals=True))
     finally:
@@ -120,6 +136,7 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
 
 
 WORKER_CONFIG_ENV = "TXAGG_SERVE_WORKER_CONFIG"
+WORKER_LOG_KEY = "_log"  # in the worker config: the supervisor's (level, format) of logs
 
 
 def _serve_workers(config: ServeConfig, host: str, port: int, url: str, on_ready) -> None:
@@ -131,6 +148,7 @@ def _serve_workers(config: ServeConfig, host: str, port: int, url: str, on_ready
 
     worker = asdict(config) | {"db": str(config.db), "eur_per_scr": str(config.eur_per_scr)}
     worker.update(workers=1, host=host, port=port)
+    worker[WORKER_LOG_KEY] = logs.settings()
     # The workers are spawned afresh (never forked from a process running the sync thread) and
     # build their app from this, token included; the environment is private to this user.
     os.environ[WORKER_CONFIG_ENV] = json.dumps(worker)
@@ -150,16 +168,20 @@ def _serve_workers(config: ServeConfig, host: str, port: int, url: str, on_ready
             follower.stop()
 
 
-def worker_app() -> ServerApp:
+def worker_app() -> ServerApp | AccessLog:
     """The app of one --workers process, from the config its supervisor left in the env.
 
     It keeps ``follow`` (for /status and readiness) but gets no follower: the supervisor runs
-    the one sync loop."""
+    the one sync loop. It logs as its supervisor does (level and format)."""
     values = json.loads(os.environ[WORKER_CONFIG_ENV])
+    log_settings = values.pop(WORKER_LOG_KEY, None)
+    if log_settings is not None:
+        logs.configure(*log_settings)
     values["eur_per_scr"] = Decimal(values["eur_per_scr"])
     if values["sync_options"] is not None:
         values["sync_options"] = SyncOptions(**values["sync_options"])
-    return create_app(ServeConfig(**values))
+    config = ServeConfig(**values)
+    return logged(create_app(config), config)
 
 
 def start_in_thread(config: ServeConfig) -> tuple[str, Callable[[], None]]:
@@ -168,7 +190,7 @@ def start_in_thread(config: ServeConfig) -> tuple[str, Callable[[], None]]:
     host, port = resolve_address(config.host, config.port)
     follower = start_follower(config)
     app = create_app(config, follower)
-    server = _EmbeddedServer(app, host, port)
+    server = _EmbeddedServer(logged(app, config), host, port)
     thread = threading.Thread(
         target=lambda: asyncio.run(server.serve(handle_signals=False)),
         name="txagg-serve",

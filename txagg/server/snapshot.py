@@ -8,7 +8,6 @@ transaction count and ``asOf``, so every worker and every restart agrees on it) 
 from __future__ import annotations
 
 import contextlib
-import json
 import queue
 import threading
 import time
@@ -21,7 +20,7 @@ from ..report import STALE_AFTER_SECONDS
 from ..store import Store
 from .config import ServeConfig
 
-VERSION_CHECK_SECONDS = 0.002  # how often the hot path asks SQLite whether the data changed
+VERSION_CHECK_SECONDS = 0.002  # how often the hot path asks the store whether the data changed
 READER_CACHE_KIB = 64 * 1024  # the event loop's connection: holds a 1M-user table's hot pages
 POOL_CACHE_KIB = 16 * 1024  # each worker thread's connection
 
@@ -39,25 +38,15 @@ def etag_matches(if_none_match: str | bytes | None, etag: str) -> bool:
     return False
 
 
-def open_reader(path: Path, cache_kib: int) -> Store:
-    """A read-only connection: the API must never write, whatever a bug might try."""
+def open_reader(path: Path | str, cache_kib: int) -> Store:
+    """A read-only store: the API must never write, whatever a bug might try."""
     store = Store.open(path, create=False, read_only=True)
-    store.conn.execute(f"PRAGMA cache_size=-{cache_kib}")
-    store.conn.execute("PRAGMA query_only=1")
+    try:
+        store.prepare_reader(cache_kib)
+    except BaseException:
+        store.close()
+        raise
     return store
-
-
-VERSION_SQL = (
-    "SELECT (SELECT value FROM counters WHERE name = 'transactions'), "
-    "(SELECT value FROM sync_state WHERE name = 'as_of')"
-)
-
-
-def read_version(conn) -> tuple[int, int | None]:
-    """(stored transactions, asOf ms): every user and payout answer is a function of these,
-    since totals only move when transactions are inserted, in the same commit as the count."""
-    count, as_of = conn.execute(VERSION_SQL).fetchone()
-    return count or 0, None if as_of is None else int(json.loads(as_of))
 
 
 def make_etag(count: int, as_of: int | None, salt: str) -> str:
@@ -78,8 +67,8 @@ def fresh_for(max_age: int, as_of_ms: int | None, now: float) -> int:
 class Snapshot:
     """What the hot path needs besides the row, cached per data version.
 
-    Owned by the event loop thread, with its own connection. ``PRAGMA data_version`` tells
-    whether any other connection committed since; asking costs a few microseconds, so it is
+    Owned by the event loop thread, with its own store. ``data_version`` tells whether any
+    other connection committed since (SQLite's ``PRAGMA data_version``: a few microseconds); it is
     asked at most every VERSION_CHECK_SECONDS.
     """
 
@@ -89,7 +78,7 @@ class Snapshot:
         self.visibility = "private" if config.token else "public"
         self.salt = salt
         self.checked = -1.0
-        self.data_version: int | None = None
+        self.data_version: object = None
         self.count = 0
         self.as_of_ms: int | None = None
         self.as_of_json = b"null"
@@ -101,10 +90,10 @@ class Snapshot:
         if now - self.checked < VERSION_CHECK_SECONDS:
             return
         self.checked = now
-        data_version = self.store.conn.execute("PRAGMA data_version").fetchone()[0]
+        data_version = self.store.data_version()
         if data_version != self.data_version:
             self.data_version = data_version
-            self.count, self.as_of_ms = read_version(self.store.conn)
+            self.count, self.as_of_ms = self.store.read_version()
             self.as_of_json = (
                 b"null" if self.as_of_ms is None else f'"{format_instant(self.as_of_ms)}"'.encode()
             )
@@ -130,7 +119,7 @@ def cache_control(visibility: str, max_age: int, as_of_ms: int | None) -> str:
 class StorePool:
     """Read connections for the worker threads, reused and closed together at shutdown."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | str):
         self.path = path
         self.idle: queue.SimpleQueue[Store] = queue.SimpleQueue()
         self.opened: list[Store] = []

@@ -14,7 +14,6 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from time import monotonic
 from urllib.parse import urlencode
 
 import anyio
@@ -29,11 +28,11 @@ from .. import server as package  # QUERY_SECONDS is read from there at call tim
 from ..httpserve import JSON_TYPE, Answer, BadRequest, docs_redirect, problem
 from ..models import MAX_USER_ID_LENGTH, dumps, parse_time
 from ..report import STALE_AFTER_SECONDS, status_report
-from ..store import DamagedStore, Store, StoreError
+from ..store import DamagedStore, QueryTimeout, Store, StoreError
 from .config import DEFAULT_LIMIT, MAX_LIMIT, ServeConfig
 from .formatting import payouts_body
 from .metrics import store_facts
-from .snapshot import StorePool, cache_control, etag_matches, make_etag, read_version
+from .snapshot import StorePool, cache_control, etag_matches, make_etag
 
 POOL_THREADS = 4  # concurrent /payouts, /status and /metrics queries per process
 
@@ -115,30 +114,21 @@ class Reader:
         self.follow_state = follow_state
 
     def payouts(self, query: PayoutsQuery, if_none_match: str | None) -> Answer:
+        seconds = package.QUERY_SECONDS
         with self.pool.store() as store:
-            conn = store.conn
             # A page with since/until aggregates the whole period (the store keeps no per-user
             # index by time): a deadline keeps one huge period from holding a thread forever.
-            deadline = monotonic() + package.QUERY_SECONDS
-            conn.set_progress_handler(lambda: monotonic() > deadline, 10_000)
             # One read transaction: the version, asOf and the page all come from one snapshot,
             # so the ETag names exactly this body.
-            conn.execute("BEGIN")
             try:
-                return self._payouts_page(store, query, if_none_match)
-            except sqlite3.OperationalError as error:
-                if "interrupted" not in str(error):
-                    raise
-                seconds = package.QUERY_SECONDS
+                with store.read_snapshot(seconds):
+                    return self._payouts_page(store, query, if_none_match)
+            except QueryTimeout:
                 detail = f"the period took more than {seconds} s to add up: narrow it"
                 return problem(503, detail, {"Retry-After": "60"})
-            finally:
-                conn.set_progress_handler(None, 0)
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
 
     def _payouts_page(self, store: Store, query: PayoutsQuery, if_none_match) -> Answer:
-        count, as_of = read_version(store.conn)
+        count, as_of = store.read_version()
         etag = make_etag(count, as_of, self.salt)
         headers = {
             "ETag": etag,

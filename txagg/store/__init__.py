@@ -1,14 +1,17 @@
 """The store: transactions, per-user totals, sync state and the shared rate budget, in one
 database that every txagg process on it shares.
 
-``Store.open(path)`` is the entry point. The modules, each one responsibility:
+``Store.open(path)`` is the entry point (``Store.open("postgresql://...")`` for a store in
+PostgreSQL). The modules, each one responsibility:
 
 - ``base``: the interface every backend implements (``StoreBackend``), what the rest of txagg
   calls on a store, and ``UserTotals``;
 - ``schema``: the numbered migrations and ``SCHEMA_VERSION``;
 - ``ingest``: a page of records into rows and totals, within the limits, as portable SQL steps;
 - ``sqlite``: the SQLite store (one file in WAL mode): opening, transactions, locks, state,
-  the shared rate budget, queries.
+  the shared rate budget, queries;
+- ``postgres``: the PostgreSQL store (``--db postgresql://...``, the ``postgres`` extra): the
+  same tables and steps in a database every machine shares, imported only when a URL asks.
 
 Everything the rest of txagg uses is importable from here, so no caller names a backend.
 """
@@ -19,6 +22,7 @@ from ..errors import (
     DamagedStore,
     NoStore,
     NotAStore,
+    QueryTimeout,
     StoreError,
     StoreTooNew,
     SyncLocked,
@@ -29,7 +33,14 @@ from ..settings import (
     MAX_USER_TRANSACTIONS,
     TOKEN_MARGIN,
 )
-from .base import StoreBackend, UserTotals
+from .base import (
+    POSTGRES_EXTRA,
+    StoreBackend,
+    UserTotals,
+    is_postgres_url,
+    postgres_backend,
+    store_exists,
+)
 from .ingest import IngestCounts, IngestResult, check_user_row
 from .schema import MIGRATIONS, MIGRATIONS_TABLE, SCHEMA_VERSION
 from .sqlite import CACHE_KIB, Store, default_db_path, explain
@@ -48,6 +59,8 @@ __all__ = [
     "IngestResult",
     "NoStore",
     "NotAStore",
+    "POSTGRES_EXTRA",
+    "QueryTimeout",
     "Store",
     "StoreBackend",
     "StoreError",
@@ -57,4 +70,7 @@ __all__ = [
     "check_user_row",
     "default_db_path",
     "explain",
+    "is_postgres_url",
+    "postgres_backend",
+    "store_exists",
 ]

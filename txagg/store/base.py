@@ -1,9 +1,12 @@
 """The store interface: what the rest of txagg calls on a store, whatever database holds it.
 
 ``StoreBackend`` lists what sync, verify, report, the CLI and the HTTP server call on a store;
-each backend (``sqlite``, later PostgreSQL) implements it with the same tables (``schema``) and
+each backend (``sqlite``, ``postgres``) implements it with the same tables (``schema``) and
 the same portable ingest SQL (``ingest``). Every write is one database transaction; a database error
 leaves as a ``StoreError`` that says what happened and what to do.
+
+Which backend a store is in follows from where it is: a ``postgresql://`` (or ``postgres://``)
+URL is a PostgreSQL database, anything else a SQLite file (``is_postgres_url``).
 
 An ABC rather than a ``typing.Protocol``: ``report USER --json`` imports the store on its fast
 path, and ``abc`` is loaded at startup while ``typing`` is not.
@@ -11,6 +14,7 @@ path, and ``abc`` is loaded at startup while ``typing`` is not.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -18,6 +22,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .ingest import IngestResult
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+POSTGRES_EXTRA = (
+    "PostgreSQL stores need the postgres extra: pipx install 'txagg[postgres]' "
+    "(or pip install 'txagg[postgres]')"
+)
+
+
+def is_postgres_url(location: object) -> bool:
+    """Whether ``location`` (a --db value) names a PostgreSQL database rather than a file."""
+    return isinstance(location, str) and location.lower().startswith(POSTGRES_SCHEMES)
+
+
+def postgres_backend() -> type[StoreBackend]:
+    """The PostgreSQL backend's class; psycopg is imported only now, and its absence is a
+    StoreError naming the extra that brings it."""
+    try:
+        from .postgres import PostgresStore
+    except ImportError as error:
+        from ..errors import StoreError
+
+        raise StoreError(f"{POSTGRES_EXTRA} ({error})") from None
+    return PostgresStore
+
+
+def store_exists(location: str | os.PathLike) -> bool:
+    """Whether a store is at ``location`` (a file, or a database holding txagg's tables);
+    StoreError when a PostgreSQL server cannot be asked."""
+    if is_postgres_url(location):
+        return postgres_backend().exists(location)
+    return Path(location).exists()
+
+
+def looks_like_mangled_url(location: object) -> bool:
+    """A PostgreSQL URL that went through ``Path()`` (``postgresql:/host/db``, one slash lost):
+    refused rather than taken for a file, so no folder called ``postgresql:`` is ever made."""
+    text = os.fspath(location) if isinstance(location, (str, os.PathLike)) else ""
+    return isinstance(text, str) and text.lower().startswith(("postgresql:", "postgres:"))
 
 
 @dataclass
@@ -34,17 +76,17 @@ class UserTotals:
 class StoreBackend(ABC):
     """One txagg store. Money is integer cents, instants integer ms since the epoch (UTC).
 
-    Attributes: ``path`` (what the store is called in messages), ``read_only`` (opened for
-    the read commands: never creates, migrates or writes), ``immutable`` (read as a snapshot
-    that cannot change). ``conn`` is the backend's own connection, not part of the interface:
-    code that uses it is tied to that backend.
+    Attributes: ``path`` (what the store is called in messages: the file, or the URL without
+    its password), ``read_only`` (opened for the read commands: never creates, migrates or
+    writes), ``immutable`` (read as a snapshot that cannot change). ``conn`` is the backend's
+    own connection, not part of the interface: code that uses it is tied to that backend.
 
     A backend also offers ``open(path, *, create=True, read_only=False)`` (a classmethod) that
     applies the missing migrations unless ``read_only``, and refuses what is not a txagg store
     (NoStore, NotAStore, StoreTooNew).
     """
 
-    path: Path
+    path: Path | str
     read_only: bool
     immutable: bool
 
@@ -107,6 +149,11 @@ class StoreBackend(ABC):
         """One sync state value, ``default`` when unset."""
 
     @abstractmethod
+    def edit_state(self, name: str, change: Callable[[object], object], default=None) -> None:
+        """Set the state value ``name`` to ``change(its value or default)``, read and written
+        in one write transaction (no other writer comes in between)."""
+
+    @abstractmethod
     def counters(self) -> dict[str, int]:
         """transactions, users, quarantined, conflicts, requests, throttled: those not zero."""
 
@@ -144,6 +191,36 @@ class StoreBackend(ABC):
     ) -> list[tuple[str, int, int]]:
         """(user_id, amount in cents, count) per user with payouts in [since, until), users
         after ``after``, ordered by user id, at most ``limit``."""
+
+    @abstractmethod
+    def user_row(self, user_id: str) -> tuple | None:
+        """The raw row (user_id, earned, spent, payout, tx_count, last_tx_at), unchecked, for
+        the HTTP hot path (which checks it with ``check_user_row``); None for an unknown user."""
+
+    @abstractmethod
+    def oldest_created_at(self) -> int | None:
+        """The createdAt of the oldest stored transaction (None for none)."""
+
+    @abstractmethod
+    def read_version(self) -> tuple[int, int | None]:
+        """(stored transactions, asOf ms): every user and payout answer is a function of
+        these, since totals only move when transactions are inserted, in the same commit as
+        the count."""
+
+    def data_version(self) -> object:
+        """A value that changes whenever another connection may have changed the data (cheap
+        to ask where the backend can tell; by default the version itself)."""
+        return self.read_version()
+
+    def prepare_reader(self, cache_kib: int) -> None:
+        """Tune a read-only store for a long-lived server reader (cache size, say); by
+        default nothing to tune."""
+        return None
+
+    @abstractmethod
+    def read_snapshot(self, seconds: float) -> AbstractContextManager[None]:
+        """One read transaction for the block, so every query in it sees the same data, cut
+        short after ``seconds``: QueryTimeout leaves the block when the time is up."""
 
     @abstractmethod
     def count_window(self, start_ms: int, end_ms: int) -> tuple[int, int]:

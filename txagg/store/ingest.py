@@ -3,11 +3,15 @@ against the limits, and the SQL steps that write them (known transactions, new r
 quarantine, conflicts, counters, sync state).
 
 The steps take ``conn``: anything with DB-API ``execute`` (returning its cursor) and
-``executemany``, such as an ``sqlite3`` connection or a psycopg cursor, inside the caller's
-write transaction. Their SQL is the portable subset (``INSERT ... ON CONFLICT ... DO UPDATE``,
-``CASE`` instead of ``max()``, no ``REPLACE``, no SQLite-only functions), so every backend
-shares it; its placeholders are written ``?`` and pass through ``_sql`` and ``_marks``, the one
-place that knows the paramstyle (``PARAM``).
+``executemany``, such as an ``sqlite3`` connection or the PostgreSQL backend's cursor adapter,
+inside the caller's write transaction. Their SQL is the portable subset (``INSERT ... ON
+CONFLICT ... DO UPDATE``, ``CASE`` instead of ``max()``, no ``REPLACE``, no SQLite-only
+functions), so every backend shares it. Its placeholders are written ``?`` (``PARAM``, DB-API
+qmark, what ``sqlite3`` takes); a backend whose driver takes another paramstyle gives the steps
+a ``conn`` that rewrites each statement with ``in_paramstyle`` (the one place that knows how),
+once per distinct statement. The rows of each ``executemany`` hold distinct keys (one per id,
+user, counter or state name), so such a ``conn`` may send a batch as one statement; and one that
+offers ``select_in(template, values)`` looks up a page's ids in one statement too (``_rows_in``).
 """
 
 from __future__ import annotations
@@ -38,12 +42,18 @@ if TYPE_CHECKING:  # the type of ``conn``; any connection or cursor with the sam
 
 # ---------------------------------------------------------------- the paramstyle
 
-PARAM = "?"  # DB-API qmark: the placeholder of every statement below
+PARAM = "?"  # DB-API qmark: the placeholder every statement below is written with
 
 
-def _sql(text: str) -> str:
-    """``text``, written with ``?`` placeholders, in the paramstyle of ``PARAM``."""
-    return text if PARAM == "?" else text.replace("?", PARAM)
+def in_paramstyle(text: str, marker: str) -> str:
+    """``text``, written with ``?`` placeholders, for a driver whose placeholder is ``marker``
+    (``%s`` for psycopg, where a literal ``%`` is then written ``%%``). The statements hold no
+    ``?`` or ``%`` other than placeholders (no string literals with them)."""
+    if marker == PARAM:
+        return text
+    if marker.startswith("%"):
+        text = text.replace("%", "%%")
+    return text.replace(PARAM, marker)
 
 
 def _marks(count: int) -> str:
@@ -51,15 +61,29 @@ def _marks(count: int) -> str:
     return ",".join([PARAM] * count)
 
 
+def _rows_in(conn: Connection, template: str, values: list) -> Iterable[tuple]:
+    """The rows of ``template`` (a statement with ``IN ({})``) for ``values``: in chunks of
+    500 placeholders, or in one statement where ``conn`` offers ``select_in`` (a backend with
+    arrays: ``= ANY(...)``)."""
+    select_in = getattr(conn, "select_in", None)
+    if select_in is not None:
+        return select_in(template, values) if values else ()
+    rows: list[tuple] = []
+    for start in range(0, len(values), 500):
+        chunk = values[start : start + 500]
+        rows.extend(conn.execute(template.format(_marks(len(chunk))), chunk))
+    return rows
+
+
 _KNOWN = "SELECT id, user_id, created_at, type, amount FROM transactions WHERE id IN ({})"
 _TOTALS = (
     "SELECT user_id, earned, spent, payout, tx_count, last_tx_at FROM users WHERE user_id IN ({})"
 )
-_INSERT_TRANSACTIONS = _sql(
+_INSERT_TRANSACTIONS = (
     "INSERT INTO transactions (id, user_id, created_at, type, amount) "
     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
 )
-_ADD_TO_USERS = _sql(
+_ADD_TO_USERS = (
     "INSERT INTO users "
     "(user_id, earned, spent, payout, tx_count, payout_count, last_tx_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET "
@@ -71,23 +95,21 @@ _ADD_TO_USERS = _sql(
     "last_tx_at = CASE WHEN excluded.last_tx_at > users.last_tx_at "
     "THEN excluded.last_tx_at ELSE users.last_tx_at END"
 )
-_QUARANTINE = _sql(
+_QUARANTINE = (
     "INSERT INTO quarantine (key, raw, reason, created_at, first_seen, times_seen) "
     "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT (key) DO UPDATE SET "
     "times_seen = quarantine.times_seen + 1 RETURNING times_seen"
 )
-_PLACE_QUARANTINED = _sql(
-    "UPDATE quarantine SET created_at = ? WHERE key = ? AND created_at IS NULL"
-)
-_CONFLICT = _sql(
+_PLACE_QUARANTINED = "UPDATE quarantine SET created_at = ? WHERE key = ? AND created_at IS NULL"
+_CONFLICT = (
     "INSERT INTO conflicts (key, tx_id, raw, created_at, first_seen) "
     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING"
 )
-_BUMP = _sql(
+_BUMP = (
     "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) "
     "DO UPDATE SET value = counters.value + excluded.value"
 )
-_PUT_STATE = _sql(
+_PUT_STATE = (
     "INSERT INTO sync_state (name, value) VALUES (?, ?) ON CONFLICT (name) "
     "DO UPDATE SET value = excluded.value"
 )
@@ -286,12 +308,7 @@ def ingest_page(
 
 
 def known_transactions(conn: Connection, ids: list[str]) -> dict[str, Transaction]:
-    known: dict[str, Transaction] = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        for row in conn.execute(_KNOWN.format(_marks(len(chunk))), chunk):
-            known[row[0]] = Transaction(*row)
-    return known
+    return {row[0]: Transaction(*row) for row in _rows_in(conn, _KNOWN, ids)}
 
 
 def insert_new(
@@ -329,11 +346,9 @@ def user_totals_of(
     """(earned, spent, payout, tx_count) of those of ``user_ids`` the store knows,
     checked: a damaged row fails the ingest rather than be added to."""
     totals: dict[str, tuple[int, int, int, int]] = {}
-    for start in range(0, len(user_ids), 500):
-        chunk = user_ids[start : start + 500]
-        for row in conn.execute(_TOTALS.format(_marks(len(chunk))), chunk):
-            check_user_row(path, row)
-            totals[row[0]] = row[1:5]
+    for row in _rows_in(conn, _TOTALS, user_ids):
+        check_user_row(path, row)
+        totals[row[0]] = row[1:5]
     return totals
 
 

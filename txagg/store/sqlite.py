@@ -18,14 +18,35 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import DamagedStore, NoStore, NotAStore, StoreError, StoreTooNew, SyncLocked
+from ..errors import (
+    DamagedStore,
+    NoStore,
+    NotAStore,
+    QueryTimeout,
+    StoreError,
+    StoreTooNew,
+    SyncLocked,
+)
 from ..settings import MAX_BLOCK_SECONDS, MAX_TOTAL_CENTS, MAX_USER_TRANSACTIONS, TOKEN_MARGIN
 from . import ingest as steps
-from .base import StoreBackend, UserTotals
+from .base import (
+    StoreBackend,
+    UserTotals,
+    is_postgres_url,
+    looks_like_mangled_url,
+    postgres_backend,
+)
 from .ingest import IngestResult, check_user_row, ingest_page
 from .schema import MIGRATIONS, MIGRATIONS_TABLE, SCHEMA_VERSION
 
 CACHE_KIB = 128 * 1024
+USER_ROW_SQL = (
+    "SELECT user_id, earned, spent, payout, tx_count, last_tx_at FROM users WHERE user_id = ?"
+)
+VERSION_SQL = (
+    "SELECT (SELECT value FROM counters WHERE name = 'transactions'), "
+    "(SELECT value FROM sync_state WHERE name = 'as_of')"
+)
 
 
 def explain(error: sqlite3.Error, path: Path) -> str:
@@ -105,7 +126,7 @@ def _remove_wal_files(path: Path) -> None:
 
 class Store(StoreBackend):
     """A txagg store in one SQLite file (the SQLite ``StoreBackend``). Open with
-    ``Store.open(path)``."""
+    ``Store.open(path)``, which hands a ``postgresql://`` URL to the PostgreSQL backend."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path):
         self.conn = conn
@@ -119,9 +140,19 @@ class Store(StoreBackend):
     @classmethod
     def open(
         cls, path: str | os.PathLike, *, create: bool = True, read_only: bool = False
-    ) -> Store:
+    ) -> StoreBackend:
         """The store at ``path``. ``create``: make it (and its folder) when missing or an empty
-        file. ``read_only``: for the read commands, which never create, migrate or write."""
+        file. ``read_only``: for the read commands, which never create, migrate or write.
+
+        A ``postgresql://`` (or ``postgres://``) URL opens the PostgreSQL store there instead
+        (the ``postgres`` extra); such a URL is never taken for a file name."""
+        if is_postgres_url(path):
+            return postgres_backend().open(path, create=create, read_only=read_only)
+        if looks_like_mangled_url(path):
+            raise StoreError(
+                f"{os.fspath(path)} is neither a store file nor a PostgreSQL URL: "
+                "write a PostgreSQL store as postgresql://USER@HOST:PORT/DATABASE"
+            )
         path = Path(path)
         if not create and not path.exists():
             raise NoStore(f"no store at {path}: run 'txagg sync' first (or pass --db)")
@@ -353,6 +384,11 @@ class Store(StoreBackend):
         row = self.conn.execute("SELECT value FROM sync_state WHERE name = ?", (name,)).fetchone()
         return default if row is None else json.loads(row[0])
 
+    def edit_state(self, name: str, change: Callable[[object], object], default=None) -> None:
+        with self.transaction() as conn:
+            row = conn.execute("SELECT value FROM sync_state WHERE name = ?", (name,)).fetchone()
+            steps.put_state(conn, {name: change(default if row is None else json.loads(row[0]))})
+
     def counters(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT name, value FROM counters"))
 
@@ -480,6 +516,44 @@ class Store(StoreBackend):
                     raise DamagedStore(self.path, user_id, "payout count", count)
                 raise DamagedStore(self.path, user_id, "payout total", amount)
         return rows
+
+    def user_row(self, user_id: str) -> tuple | None:
+        return self.conn.execute(USER_ROW_SQL, (user_id,)).fetchone()
+
+    def oldest_created_at(self) -> int | None:
+        return self.conn.execute("SELECT min(created_at) FROM transactions").fetchone()[0]
+
+    def read_version(self) -> tuple[int, int | None]:
+        count, as_of = self.conn.execute(VERSION_SQL).fetchone()
+        return count or 0, None if as_of is None else int(json.loads(as_of))
+
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version``: a few microseconds, changed by every commit of
+        another connection."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def prepare_reader(self, cache_kib: int) -> None:
+        self.conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+        self.conn.execute("PRAGMA query_only=1")
+
+    @contextmanager
+    def read_snapshot(self, seconds: float) -> Iterator[None]:
+        """One read transaction (BEGIN: WAL readers see one snapshot) cut short by a progress
+        handler once ``seconds`` have passed."""
+        conn = self.conn
+        deadline = time.monotonic() + seconds
+        conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        conn.execute("BEGIN")
+        try:
+            yield
+        except sqlite3.OperationalError as error:
+            if "interrupted" not in str(error):
+                raise
+            raise QueryTimeout(f"a read of {self.path} took more than {seconds} s") from None
+        finally:
+            conn.set_progress_handler(None, 0)
+            if conn.in_transaction:
+                conn.execute("COMMIT")
 
     def count_window(self, start_ms: int, end_ms: int) -> tuple[int, int]:
         """How many records the upstream showed us in [start, end]: (open bounds, closed bounds).
