@@ -1,7 +1,10 @@
-"""Ingest throughput into PostgreSQL next to SQLite, through ``Store.ingest`` end to end.
+"""Ingest throughput into PostgreSQL next to SQLite, through ``Store.ingest`` end to end; and
+with ``--failover``, how long a standby ``sync --follow`` takes to commit its first page after
+the leader is killed (kill -9) or stopped (SIGSTOP).
 
     python bench/postgres_load.py [--transactions 200000] [--users 10000]
                                   [--server postgresql://postgres@127.0.0.1:5432]
+    python bench/postgres_load.py --failover [--runs 10] [--lease 30]
 
 The same upstream pages (1000 records each, decoded as sync decodes them: amounts as Decimal)
 go into a fresh SQLite file and into a fresh PostgreSQL database of the run's own (dropped at the
@@ -9,6 +12,17 @@ end), one ``Store.ingest`` per page with its sync cursor, as sync stores them: p
 validation, the rows, the totals, the counters and the cursor, one database transaction a page.
 Prints transactions/s on both and their ratio, and the bytes each transaction takes on disk
 (SQLite: the file; PostgreSQL: pg_total_relation_size of the store's tables, indexes included).
+
+``--failover``: a mock upstream with live traffic (100 transactions a second, so every poll has a
+page to commit), two ``txagg sync --follow --lease SECONDS --interval 1`` on one store, and a
+trigger that stamps every write of the sync state with the database's clock and the lease epoch
+it was made under. Each run signals the leader, and measures from just before the signal to the
+first write of the next epoch (the standby's first page: its cursor moves with it). Each signal
+comes a random 0 to lease/5 seconds after the leader and the standby are both at work, so the
+runs fall at every phase of the renewals (every lease/6) and of the asking (every lease/10).
+``kill -9``: the killed leader is replaced by a new follower, which stands by; ``SIGSTOP``: the
+stopped one is woken (SIGCONT) once the standby committed, steps down and stands by. Prints
+every run, then median and max of each.
 """
 
 from __future__ import annotations
@@ -17,6 +31,9 @@ import argparse
 import os
 import random
 import secrets
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +42,7 @@ from decimal import Decimal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import MockServer, machine, txagg  # noqa: E402
 
 from txagg.models import format_timestamp  # noqa: E402
 from txagg.store import Store  # noqa: E402
@@ -65,6 +82,123 @@ def load(store, batches: list[list[dict]]) -> float:
     return time.perf_counter() - began
 
 
+AUDIT = """
+CREATE TABLE bench_commits (id bigserial PRIMARY KEY, epoch bigint, at double precision);
+CREATE FUNCTION bench_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench_commits (epoch, at)
+    SELECT epoch, extract(epoch FROM clock_timestamp()) FROM store_locks WHERE name = 'sync';
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bench_commit AFTER INSERT OR UPDATE ON sync_state
+    FOR EACH STATEMENT EXECUTE FUNCTION bench_commit();
+"""
+
+
+def wait(condition, timeout: float = 120.0, every: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the followers did not get there in time")
+        time.sleep(every)
+    return result
+
+
+def failover(server: str, runs: int, lease: float) -> None:
+    """--failover: see the module's docstring."""
+    import psycopg
+
+    print(machine())
+    name = f"txagg_bench_{os.getpid()}_{secrets.token_hex(3)}"
+    rate = ("--rate-limit", "20", "--per", "1")
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+        version = admin.execute("SHOW server_version").fetchone()[0]
+        admin.execute(f'CREATE DATABASE "{name}"')
+        followers: list[subprocess.Popen] = []
+        mock = MockServer("--users", "1000", "--history", "5000", "--tx-per-minute", "6000", *rate)
+        try:
+            db = f"{server}/{name}"
+            args = ["--db", db, "--settle", "0", "--interval", "1", "--lease", str(lease), *rate]
+            subprocess.run(
+                txagg("sync", "--api-url", mock.url, *args), check=True, capture_output=True
+            )
+            with psycopg.connect(db, autocommit=True) as conn:
+                conn.execute(AUDIT)
+                lease_row = "SELECT owner, epoch FROM store_locks WHERE name = 'sync'"
+                standbys = "SELECT owner FROM store_locks WHERE name LIKE 'standby:sync:%'"
+
+                def follower() -> subprocess.Popen:
+                    process = subprocess.Popen(
+                        txagg("sync", "--follow", *args),
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    followers.append(process)
+                    return process
+
+                def leader() -> tuple[subprocess.Popen, int] | None:
+                    owner, epoch = conn.execute(lease_row).fetchone()
+                    pid = int(owner.split(":")[1])
+                    found = [p for p in followers if p.pid == pid and p.poll() is None]
+                    return (found[0], epoch) if found else None
+
+                def standing_by(process: subprocess.Popen) -> bool:
+                    rows = conn.execute(standbys).fetchall()
+                    return any(int(row[0].split(":")[1]) == process.pid for row in rows)
+
+                def first_commit(epoch: int) -> float | None:
+                    row = conn.execute(
+                        "SELECT min(at) FROM bench_commits WHERE epoch > %s", (epoch,)
+                    ).fetchone()
+                    return row[0]
+
+                follower()
+                wait(leader)
+                results: dict[str, list[float]] = {"kill -9": [], "SIGSTOP": []}
+                for run in range(runs):
+                    for kind in results:
+                        if len(followers) - sum(p.poll() is not None for p in followers) < 2:
+                            follower()
+                        process, epoch = wait(leader)
+                        other = next(p for p in followers if p.poll() is None and p is not process)
+                        wait(lambda other=other: standing_by(other))
+                        # a page of this epoch committed: the leader is at work
+                        wait(
+                            lambda epoch=epoch: conn.execute(
+                                "SELECT 1 FROM bench_commits WHERE epoch = %s", (epoch,)
+                            ).fetchone()
+                        )
+                        # at a random moment of the renewal and asking cycles (else every
+                        # run would hit the same phase: right after the standby's first ask)
+                        time.sleep(random.uniform(0, lease / 5))
+                        began = time.time()
+                        if kind == "kill -9":
+                            process.send_signal(signal.SIGKILL)
+                            process.wait()
+                        else:
+                            process.send_signal(signal.SIGSTOP)
+                        committed = wait(lambda epoch=epoch: first_commit(epoch))
+                        if kind == "SIGSTOP":
+                            process.send_signal(signal.SIGCONT)
+                        results[kind].append(committed - began)
+                        print(f"run {run + 1:>2} {kind:<8} {committed - began:6.2f} s", flush=True)
+        finally:
+            for process in followers:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGCONT)
+                    process.kill()
+                process.wait()
+            mock.stop()
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    print(f"PostgreSQL {version}; --lease {lease:g} (a lease of {lease / 2:g} s)")
+    print("seconds from the signal to the standby's first page committed:")
+    for kind, seconds in results.items():
+        print(
+            f"{kind:<8} median {statistics.median(seconds):5.2f}  max {max(seconds):5.2f}  "
+            f"min {min(seconds):5.2f}  ({len(seconds)} runs)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--transactions", type=int, default=200_000)
@@ -74,7 +208,13 @@ def main() -> None:
         default=os.environ.get("TXAGG_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432"),
         help="a PostgreSQL server URL without a database: the run creates and drops its own",
     )
+    parser.add_argument("--failover", action="store_true", help="measure failover instead")
+    parser.add_argument("--runs", type=int, default=10, help="--failover: runs of each kind")
+    parser.add_argument("--lease", type=float, default=30.0, help="--failover: sync's --lease")
     args = parser.parse_args()
+    if args.failover:
+        failover(args.server, args.runs, args.lease)
+        return
     import psycopg
 
     batches = pages(args.transactions, args.users)

@@ -2,6 +2,13 @@
 pages a second, and the server's memory under load.
 
     python bench/serve_load.py [--users 1000000] [--duration 20] [--db /tmp/txagg-bench-1m.db]
+    python bench/serve_load.py --postgres postgresql://postgres@127.0.0.1/txagg_bench [--users N]
+
+With ``--postgres`` (a database that exists; its store is rebuilt from the SQLite bench store
+when it holds fewer users) it measures instead, in one run: ``txagg serve`` on the SQLite store,
+a replica on PostgreSQL (its local copy, the default) and the direct-query baseline (every
+lookup a query), and the database queries a second each PostgreSQL server makes under that
+load (the replica's own count from /metrics, and the database's committed transactions).
 
 Needs wrk (`apt-get install -y wrk`). Datasette is installed into its own virtual environment
 (/tmp/dsvenv) on first use, so the project's environment stays clean. Every load generator is
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -172,6 +180,112 @@ def payouts_load(db: Path, users: int, seconds: int) -> tuple[dict, float]:
         server.stop()
 
 
+def build_postgres(url: str, db: Path) -> None:
+    """The store at ``url`` with the SQLite bench store's data (the same rows: the same
+    answers), every user at data version 1; left alone when it holds as many users."""
+    import psycopg
+
+    from txagg.store import Store
+
+    source = sqlite3.connect(db)
+    (users,) = source.execute("SELECT value FROM counters WHERE name = 'users'").fetchone()
+    with Store.open(url) as store:  # creates or migrates the tables
+        if store.counters().get("users", 0) == users:
+            return
+    began = time.perf_counter()
+    tables = {
+        "users": "user_id, earned, spent, payout, tx_count, payout_count, last_tx_at",
+        "transactions": "id, user_id, created_at, type, amount",
+        "counters": "name, value",
+        "sync_state": "name, value",
+    }
+    with psycopg.connect(url) as conn, conn.cursor() as cursor:
+        cursor.execute("TRUNCATE " + ", ".join(tables))
+        for table, columns in tables.items():
+            extra = (", version", (1,)) if table == "users" else ("", ())
+            with cursor.copy(f"COPY {table} ({columns}{extra[0]}) FROM STDIN") as copy:
+                for row in source.execute(f"SELECT {columns} FROM {table}"):
+                    copy.write_row(row + extra[1])
+        cursor.execute("UPDATE data_version SET value = 1")
+    source.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE)")  # no autovacuum run in the middle of a measurement
+    print(f"copied {users} users to PostgreSQL in {time.perf_counter() - began:.0f} s")
+
+
+def _committed(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        return conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()[0]
+
+
+def _replica_queries(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return float(re.search(r"^txagg_replica_queries_total (\S+)$", text, re.M).group(1))
+
+
+DIRECT = (
+    "import sys; from txagg.server import ServeConfig, serve; "
+    "serve(ServeConfig(db=sys.argv[1], port=0, local_copy=False), "
+    "on_ready=lambda url: print('listening on', url, flush=True))"
+)
+
+
+def replica_load(db: Path, pg_url: str, users: int, seconds: int) -> list[tuple[str, dict]]:
+    """SQLite, a PostgreSQL replica and the direct-query baseline under the same load."""
+    servers = [
+        ("SQLite", txagg("serve", "--db", str(db), "--port", "0")),
+        ("PostgreSQL replica", txagg("serve", "--db", pg_url, "--port", "0")),
+        ("PostgreSQL direct", [sys.executable, "-c", DIRECT, pg_url]),
+    ]
+    results = []
+    bodies = set()
+    for name, command in servers:
+        server = Process(command, None, "/users/0000001")
+        try:
+            bodies.add(httpx.get(server.url + "/users/0000001", timeout=10).content)
+            wrk(server.url, "/users/%07d", users - 1, 3, server)  # warm the caches
+            postgres = name.startswith("PostgreSQL")
+            committed = _committed(pg_url) if postgres else 0
+            pulled = _replica_queries(server.url) if name.endswith("replica") else 0.0
+            figures = wrk(server.url, "/users/%07d", users - 1, seconds, server)
+            if name.endswith("replica"):
+                figures["app_qps"] = (_replica_queries(server.url) - pulled) / seconds
+            if postgres:
+                time.sleep(2)  # backends report their counts within a second or so
+                # Less this bench's own two statements.
+                figures["db_qps"] = (_committed(pg_url) - committed - 2) / seconds
+            results.append((name, figures))
+        finally:
+            server.stop()
+    if len(bodies) != 1:
+        raise SystemExit(f"the servers answered differently: {bodies}")
+    return results
+
+
+def main_postgres(args) -> None:
+    build(args.db, args.users)
+    build_postgres(args.postgres, args.db)
+    results = replica_load(args.db, args.postgres, args.users, args.duration)
+    load = f"wrk -t{THREADS} -c{CONNECTIONS} -d{args.duration}s, random ids, 1 worker each"
+    print(machine())
+    print(f"GET /users/{{id}} on {args.users} users ({load}):")
+    for name, figures in results:
+        line = (
+            f"  {name:19} {figures['rps']:9,.0f} req/s  p50 {figures['p50']:.2f} ms  "
+            f"p99 {figures['p99']:.2f} ms  peak RSS {figures['rss_mib']:.0f} MiB"
+        )
+        if "db_qps" in figures:
+            line += f"  database transactions {figures['db_qps']:,.1f}/s"
+        if "app_qps" in figures:
+            line += f" (replica's own count: {figures['app_qps']:.1f} queries/s)"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--users", type=int, default=1_000_000)
@@ -179,9 +293,13 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=20)
     parser.add_argument("--db", type=Path, default=Path("/tmp/txagg-bench-1m.db"))
     parser.add_argument("--payouts-db", type=Path, default=Path("/tmp/txagg-bench-100k.db"))
+    parser.add_argument("--postgres", help="compare a PostgreSQL replica (see the docstring)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install -y wrk")
+    if args.postgres:
+        main_postgres(args)
+        return
     build(args.db, args.users)
     build(args.payouts_db, args.payout_users)  # every bench user has one payout
     ours, theirs = users_load(args.db, args.users, args.duration)

@@ -153,7 +153,7 @@ def test_the_first_sync_binds_the_store_to_its_upstream(tmp_path, scripted, monk
     bound = f"http://localhost:{port}"
     assert status_of(db)["upstream"] == bound
     with monkeypatch.context() as terminal:
-        terminal.setattr("txagg.cli.wants_json", lambda flag: flag)
+        terminal.setattr("txagg.cli.common.wants_json", lambda flag: flag)
         table = invoke("status", "--db", db)
     assert table.exit_code == 0 and not table.stdout.startswith("{")
     assert "upstream" in table.stdout and bound in table.stdout

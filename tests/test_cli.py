@@ -126,7 +126,7 @@ def test_status_json_names_everything_an_operator_needs(filled):
 
 
 def test_tables_on_a_terminal_json_in_a_pipe(filled, monkeypatch):
-    monkeypatch.setattr("txagg.cli.wants_json", lambda flag: flag)
+    monkeypatch.setattr("txagg.cli.common.wants_json", lambda flag: flag)
     table = invoke("report", "074092", "--db", filled)
     assert table.exit_code == 0 and "balance" in table.stdout and "-40.8" in table.stdout
     assert not table.stdout.startswith("{")

@@ -336,7 +336,7 @@ def test_verbose_twice_shows_an_internal_errors_traceback(filled, monkeypatch, c
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("txagg.cli.user_report", broken)
+    monkeypatch.setattr("txagg.cli.read.user_report", broken)
     # --eur-per-scr: the full CLI, not report's fast path
     argv = ["txagg", "report", "074092", "--db", str(filled), "--eur-per-scr", "1"]
     monkeypatch.setattr(sys, "argv", argv)

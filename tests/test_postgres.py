@@ -219,8 +219,11 @@ def test_every_read_command_answers_byte_for_byte_as_from_sqlite(start_mock, tmp
         if command[0] == "status":
             bodies = [json.loads(answer.stdout) for answer in answers]
             assert bodies[1]["store"].startswith("postgresql://")
+            assert bodies[0]["leader"] is None  # SQLite has no leader to show
+            assert bodies[1]["leader"]["epoch"] == 1  # the sync that filled it
             for body in bodies:
-                del body["store"], body["lagSeconds"]  # where it is; seconds since asOf
+                # where it is; seconds since asOf; who synced it
+                del body["store"], body["lagSeconds"], body["leader"]
             assert bodies[0] == bodies[1]
             assert json.dumps(bodies[0]) == json.dumps(bodies[1])
         else:

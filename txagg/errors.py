@@ -9,6 +9,7 @@ The tree::
     │   ├── StoreTooNew           written by a newer txagg: upgrade
     │   ├── DamagedStore          a stored figure txagg never writes
     │   ├── QueryTimeout          a read took longer than it may (an HTTP 503)
+    │   ├── StoreUnreachable      PostgreSQL cannot be reached, or the connection was lost
     │   └── SyncLocked            another sync (or verify) holds the store          exit 75
     ├── UpstreamError             the upstream cannot be read, past every retry     exit 1
     ├── NoUpstream                no --api-url, and the store has no upstream yet   exit 2
@@ -93,6 +94,11 @@ def _short(value: object) -> str:
 
 class QueryTimeout(StoreError):
     """A read cut short because it took longer than it may (``read_snapshot``)."""
+
+
+class StoreUnreachable(StoreError):
+    """The database server cannot be reached, or the connection to it was lost (PostgreSQL):
+    nothing of an interrupted write was kept, and trying again later may work."""
 
 
 class SyncLocked(StoreError):

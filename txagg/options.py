@@ -11,6 +11,7 @@ from .settings import (
     BACKOFF_MAX,
     CHECK_EVERY,
     INTERVAL_SECONDS,
+    LEASE_SECONDS,
     MAX_REPAIR_REQUESTS,
     MAX_RESPONSE_BYTES,
     OVERLAP_SECONDS,
@@ -43,6 +44,7 @@ class SyncOptions:
     interval: float = INTERVAL_SECONDS  # --follow: seconds between polls
     check_every: float | None = CHECK_EVERY  # seconds between late-arrival checks; None: never
     max_repair_requests: int = MAX_REPAIR_REQUESTS  # per check: what a lying meta may cost
+    lease: float = LEASE_SECONDS  # sync --follow on PostgreSQL: the failover budget (seconds)
 
 
 @dataclass

@@ -86,7 +86,14 @@ def render(
             yield from csv_lines(view.columns, body[view.items])
         else:
             row = flatten(body)
-            extra = [key for key in row if key not in view.columns]
+            # a null object whose fields have columns (status's leader on SQLite, lastCheck
+            # before the first check) is those columns left empty, not a column of its own
+            extra = [
+                key
+                for key in row
+                if key not in view.columns
+                and not (row[key] is None and any(c.startswith(f"{key}.") for c in view.columns))
+            ]
             yield from csv_lines((*view.columns, *extra), [row])
     else:
         yield view.table(body, now=time.time() if now is None else now, **table_options)
@@ -355,7 +362,28 @@ def status_table(body: dict, *, now: float) -> str:
         ("Last check", _last_check(body["lastCheck"], now)),
         ("Discrepancies", _discrepancies(body["discrepancies"], now)),
     ]
+    if body.get("leader") is not None:
+        parts.insert(1, ("Leader", _leader(body["leader"], now)))
     return sections(parts)
+
+
+def _leader(leader: dict, now: float) -> list[Row]:
+    """A PostgreSQL store's sync leader (status), and the standbys last seen."""
+    if leader["owner"] is None:
+        return [("", ("none yet (no sync --follow has led)", False))]
+    rows: list[Row] = [
+        ("leader", (leader["owner"], False)),
+        ("epoch", cell("", leader["epoch"], now)),
+        ("lease until", (when(leader["leaseUntil"], now), False)),
+        ("active", cell("", leader["active"], now)),
+    ]
+    for standby in leader["standbys"]:
+        rows.append(
+            ("standby", (f"{standby['owner']}, seen {when(standby['lastSeen'], now)}", False))
+        )
+    if not leader["standbys"]:
+        rows.append(("standbys", ("none seen", False)))
+    return rows
 
 
 def _last_check(found: dict | None, now: float) -> list[Row]:
@@ -424,6 +452,13 @@ STATUS_COLUMNS = (
     "rateBudget.blockedForSeconds",
     "rateBudget.requests",
     "rateBudget.throttled",
+    "leader.owner",
+    "leader.host",
+    "leader.pid",
+    "leader.epoch",
+    "leader.leaseUntil",
+    "leader.active",
+    "leader.standbys",
 )
 # status's CSV columns are fixed (what a run has not recorded yet is an empty cell), so rows
 # appended run after run line up; a key recorded that is not listed comes last.

@@ -150,7 +150,39 @@ def status_report(
             "requests": counters.get("requests", 0),
             "throttled": counters.get("throttled", 0),
         },
+        "leader": _leader(store.leadership()),
     }
+
+
+def _leader(found: dict | None) -> dict | None:
+    """The store's ``leadership`` as status shows it (None: a backend without one)."""
+    if found is None:
+        return None
+    host, pid = _owner_parts(found["owner"])
+    return {
+        "owner": found["owner"],
+        "host": host,
+        "pid": pid,
+        "epoch": found["epoch"],
+        "leaseUntil": _instant(found["leaseUntilMs"]),
+        "active": found["active"],
+        "standbys": [
+            {
+                "owner": standby["owner"],
+                **dict(zip(("host", "pid"), _owner_parts(standby["owner"]), strict=True)),
+                "lastSeen": _instant(standby["lastSeenMs"]),
+            }
+            for standby in found["standbys"]
+        ],
+    }
+
+
+def _owner_parts(owner: str | None) -> tuple[str | None, int | None]:
+    """HOST:PID:TERM into (host, pid)."""
+    if owner is None:
+        return None, None
+    host, _, rest = owner.rpartition(":")[0].rpartition(":")
+    return (host, int(rest)) if rest.isdigit() else (owner, None)
 
 
 def health_problems(status: dict) -> list[str]:

@@ -21,6 +21,10 @@ DEFAULT_EUR_PER_SCR = Decimal(1)
 OVERLAP_SECONDS = 300.0  # how far behind its position late arrivals are still caught
 SETTLE_SECONDS = 5.0  # a run reads up to now minus this
 INTERVAL_SECONDS = 30.0  # --follow: the longest pause between polls
+# sync --follow on PostgreSQL: a standby takes over within this many seconds of the leader's
+# death, hang or loss of its connection (its lease runs half of it; see store.postgres).
+LEASE_SECONDS = 30.0
+MIN_LEASE_SECONDS = 3.0
 CHECK_EVERY = 120.0  # seconds between late-arrival checks (sooner while the budget is idle)
 MIN_CHECK_SECONDS = 1.0  # ... but following, never sooner than this, however large the budget
 TIMEOUT_SECONDS = 30.0  # a whole request: connect, headers and body
@@ -33,9 +37,6 @@ MAX_UNRELIABLE_BACKOFF = 3600.0  # seconds: the longest pause in chasing counts 
 LATE_AGES_KEPT = 32  # how far behind the newest read the last late arrivals were found ...
 LATE_AGES_NEEDED = 3  # ... and how many before a check's first look goes by them
 REREAD_WAIT_TOKENS = 2  # a repair's re-read may wait for this many tokens beyond spare ones
-# Following, a search for a late arrival may take the next poll's token (the poll waits for the
-# next one) while the store is less than this far behind; else only tokens spare beyond it.
-SEARCH_MAY_DELAY_POLL_MS = 30_000
 
 # ---------------------------------------------------------------- what an answer may be
 

@@ -292,6 +292,40 @@ class RateBudget(TypedDict):
 
 
 @closed
+class Standby(TypedDict):
+    """A process standing by for the sync lease, and when it last said so."""
+
+    owner: Annotated[str, Field(description="HOST:PID:TERM", examples=["db2:4242:0f3a9c2e71b4"])]
+    host: str
+    pid: Annotated[int, Field(ge=0)]
+    lastSeen: Instant
+
+
+@closed
+class Leader(TypedDict):
+    """Who holds the sync lease of a PostgreSQL store (``sync --follow`` on several machines:
+    one leads, the others stand by), and the standbys seen in the last 10 minutes."""
+
+    owner: Annotated[
+        str | None,
+        Field(
+            description="HOST:PID:TERM of the last holder (null: never taken)",
+            examples=["db1:4242:0f3a9c2e71b4"],
+        ),
+    ]
+    host: str | None
+    pid: Annotated[int | None, Field(ge=0)]
+    epoch: Annotated[Count, Field(description="how many times the lease was taken")]
+    leaseUntil: Annotated[
+        Instant | None, Field(description="when the lease runs out unless renewed")
+    ]
+    active: Annotated[
+        bool, Field(description="the lease has not run out and its holder's session is there")
+    ]
+    standbys: list[Standby]
+
+
+@closed
 class StatusReport(TypedDict):
     """Where sync stands: the body of ``txagg status --json``."""
 
@@ -322,6 +356,9 @@ class StatusReport(TypedDict):
     lastCheck: LastCheck | None
     lastRun: LastRun
     rateBudget: RateBudget
+    leader: Annotated[
+        Leader | None, Field(description="PostgreSQL stores: the sync leader (null on SQLite)")
+    ]
 
 
 @closed

@@ -14,8 +14,8 @@ How a run reads (see docs/design.md for the reasoning):
   request, which reads the window's page where late arrivals have tended to be; a shortfall is
   searched for and repaired by ``reconcile.Reconciler``. Checks run every ``check_every``
   seconds, sooner while the budget is idle or as soon as a page shows a late arrival (it
-  repeats records they pushed along); following, a repair never holds back a poll and is
-  taken up by later checks where it stopped.
+  repeats records they pushed along); following, a repair holds back a poll by one token
+  period at most and is taken up by later checks where it stopped.
 * Every request goes through ``upstream.Upstream``: a token from the rate budget kept in the
   store, shared by every process on it (a 429 blocks them all), bounded time and size, retries.
 """
@@ -47,11 +47,10 @@ from .settings import (  # noqa: F401 (PAGE_SIZE, MAX_RESPONSE_BYTES re-exported
     MAX_UNRELIABLE_BACKOFF,
     MIN_CHECK_SECONDS,
     PAGE_SIZE,
-    SEARCH_MAY_DELAY_POLL_MS,
     STALE_AFTER_SECONDS,
     TOKEN_MARGIN,
 )
-from .store import IngestResult, Store
+from .store import IngestResult, Store, StoreError, StoreUnreachable, SyncLocked
 from .upstream import Page, Upstream, parse_retry_after  # noqa: F401 (re-exported)
 
 log = logging.getLogger("txagg.sync")
@@ -101,19 +100,15 @@ class Syncer:
             raise SyncStopped()
 
     def _spare_and_fresh(self) -> bool:
-        """Following, a repair never holds back the next poll: each of its steps starts only
-        when a token is spare beyond the one the next poll needs, and while the store is less
-        than half the freshness promise (a minute) behind. What it leaves, later checks take up
-        where it stood (the windows still to repair are saved). A run that is not following has
-        no later read to hold back: it repairs within its request budget."""
+        """Following, a search for late arrivals holds back the next poll by one token period
+        at most: each of its steps may take the token that poll would use (it then waits for
+        the next), and only while the store is less than half the freshness promise (a
+        minute) behind. What it leaves, later checks take up where it stood (the windows still
+        to repair are saved). A run that is not following has no later read to hold back: it
+        repairs within its request budget."""
         if not self.following:
             return True
-        if not self._fresh_enough():
-            return False
-        spare = self._spare_tokens()
-        # While the store is well within its promise, a step may also take the next poll's
-        # token: that poll waits for the next token instead, a few seconds.
-        return spare >= 1 or (spare >= 0 and self._behind_ms() < SEARCH_MAY_DELAY_POLL_MS)
+        return self._fresh_enough() and self._spare_tokens() >= 0
 
     def _fresh_enough(self) -> bool:
         return not self.following or self._behind_ms() < STALE_AFTER_SECONDS * 500
@@ -513,11 +508,97 @@ def _next_cursor(
 
 
 def sync(store: Store, options: SyncOptions, **kwargs) -> SyncSummary:
-    """Take the store's sync lock and catch up once (``follow=True``: keep following)."""
+    """Take the store's sync lock and catch up once (``follow=True``: keep following).
+
+    ``standby=True`` with ``follow``, on a store whose lock is a lease machines share
+    (PostgreSQL): while another process leads, stand by instead of raising SyncLocked, take
+    over when its lease lapses, and step back to standing by when the lease is lost
+    (``lead_or_stand_by``). Otherwise SyncLocked leaves at once."""
     follow = kwargs.pop("follow", False)
+    standby = kwargs.pop("standby", False)
+    if follow and standby and store.shares_leadership:
+        return lead_or_stand_by(store, options, **kwargs)
     with store.sync_lock():
         syncer = Syncer(store, options, **kwargs)
         try:
             return syncer.follow() if follow else syncer.run()
         finally:
             syncer.close()
+
+
+def lead_or_stand_by(store: Store, options: SyncOptions, **kwargs) -> SyncSummary:
+    """Follow while this process holds the store's sync lease; stand by while another does.
+
+    Standing by, it asks for the lease every ``retry`` seconds (a tenth of ``options.lease``),
+    records itself in the store (``standby_seen``, for status) and says who leads each time the
+    leader or its epoch changes. Leading, a write that finds the lease lost (SyncLocked: this
+    process was paused or cut off past its lease and another took over) or a connection lost
+    to the database ends the term: nothing more is written, and it stands by again. Returns
+    when ``stop`` is set: the summary of the last term led (an empty one if none)."""
+    from .store.postgres import owner_id
+
+    stop = kwargs.get("stop") or threading.Event()
+    kwargs["stop"] = stop
+    timings = store.lease_timings(options.lease)
+    me = owner_id()
+    summary = SyncSummary()
+    said: tuple | None = None
+    while not stop.is_set():
+        leading = False
+        try:
+            with store.lock("sync", lease=options.lease):
+                leading = True
+                said = None
+                _quietly(store.standby_gone, me)
+                leader = store.leadership()
+                log.info(
+                    "leading: epoch %s, lease %g s (renewed every %g s)",
+                    leader["epoch"],
+                    timings.ttl,
+                    timings.renew,
+                    extra={"event": "leading", "epoch": leader["epoch"]},
+                )
+                syncer = Syncer(store, options, **kwargs)
+                try:
+                    summary = syncer.follow()
+                finally:
+                    syncer.close()
+                return summary
+        except SyncLocked as error:
+            if leading:
+                log.warning("stepping down: %s", error, extra={"event": "stepDown"})
+        except StoreUnreachable as error:
+            log.warning(
+                "%s; %s",
+                error,
+                "stepping down" if leading else "standing by",
+                extra={"event": "stepDown" if leading else "unreachable"},
+            )
+        try:
+            leader = store.leadership()
+            store.standby_seen(me)
+        except StoreUnreachable:
+            stop.wait(timings.retry)
+            continue
+        seen = (leader["owner"], leader["epoch"])
+        if seen != said and leader["active"]:
+            said = seen
+            until = leader["leaseUntilMs"]
+            log.info(
+                "standing by: leader %s epoch %s, lease until %s",
+                leader["owner"],
+                leader["epoch"],
+                "?" if until is None else format_instant(until),
+                extra={"event": "standby", "leader": leader["owner"], "epoch": leader["epoch"]},
+            )
+        stop.wait(timings.retry)
+    _quietly(store.standby_gone, me)
+    return summary
+
+
+def _quietly(action: Callable[[str], None], argument: str) -> None:
+    """A standby's bookkeeping: not worth failing over."""
+    try:
+        action(argument)
+    except StoreError:
+        pass

@@ -21,6 +21,10 @@ connection (``follower``): SQLite's WAL lets readers go on while it writes, and 
 it is logged and retried, never allowed to take the API down. ``runner`` runs it all on granian;
 ``openapi`` describes it; ``config`` holds ``ServeConfig`` and the limits.
 
+On a PostgreSQL store each process answers from a local copy (``replica``): a SQLite file filled
+at start and brought up to date every second by one query for what changed, so reads cost the
+database nothing and the queries a process makes do not grow with its traffic.
+
 ``QUERY_SECONDS`` (the longest a ``/payouts`` page may take before it is a 503) is read from this
 package at call time, so setting ``txagg.server.QUERY_SECONDS`` takes effect at once.
 """

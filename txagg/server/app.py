@@ -23,12 +23,13 @@ from ..apidocs import docs_html
 from ..httpserve import PROBLEM_TYPE, Answer, problem, problem_body
 from ..models import MAX_USER_ID_LENGTH, format_decimal
 from ..report import to_eur
-from ..store import StoreError, check_user_row, explain
+from ..store import StoreError, check_user_row, explain, is_postgres_url
 from .config import MAX_HEADER_BYTES, MAX_PATH_BYTES, MAX_QUERY_BYTES, ServeConfig
 from .follower import Follower
 from .formatting import TimestampText, json_string, money
 from .metrics import USERS_ROUTE, Metrics, route_of
 from .openapi import openapi_document
+from .replica import Replica, start_replica
 from .snapshot import READER_CACHE_KIB, Snapshot, StorePool, etag_matches, open_reader
 from .views import Reader, Views, store_problem
 
@@ -47,10 +48,25 @@ class ServerApp(Views):
             f"{__version__}|{config.eur_per_scr}".encode(), digest_size=3
         ).hexdigest()
         self.token = None if config.token is None else config.token.encode()
-        self.snapshot = Snapshot(open_reader(config.db, READER_CACHE_KIB), config, self.salt)
-        self.pool = StorePool(config.db)
-        self.reader = Reader(self.pool, config, self.salt, self.follow_state)
+        # A PostgreSQL store is served from a local copy of this process (``replica``): the
+        # hot path, /payouts and the metrics read the copy exactly as they read a SQLite store;
+        # /status and /payouts over a period (which needs every transaction) ask PostgreSQL.
+        self.replica: Replica | None = None
+        source = config.db
+        if is_postgres_url(config.db) and config.local_copy:
+            self.replica = start_replica(config.db, config.refresh_seconds, config.replica_dir)
+            source = self.replica.path
+        try:
+            self.snapshot = Snapshot(open_reader(source, READER_CACHE_KIB), config, self.salt)
+        except BaseException:
+            if self.replica is not None:
+                self.replica.close()
+            raise
+        self.pool = StorePool(source)
+        self.direct_pool = StorePool(config.db) if self.replica is not None else None
+        self.reader = Reader(self.pool, config, self.salt, self.follow_state, self.direct_pool)
         self.metrics = Metrics(self.reader.facts, lambda: follower.errors if follower else 0)
+        self.metrics.replica = self.replica
         self.rate = config.eur_per_scr
         self.unit_rate = config.eur_per_scr == 1
         self.timestamps = TimestampText()
@@ -63,6 +79,10 @@ class ServerApp(Views):
     def close(self) -> None:
         self.snapshot.store.close()
         self.pool.close()
+        if self.direct_pool is not None:
+            self.direct_pool.close()
+        if self.replica is not None:
+            self.replica.close()
 
     def follow_state(self) -> dict:
         if self.follower is not None:

@@ -33,6 +33,13 @@ class ServeConfig:
     sync_options: SyncOptions | None = None
     eur_per_scr: Decimal = Decimal(1)
     access_log: bool = False  # one log line per request (txagg.access)
+    # A PostgreSQL store: answer from a local copy in each process (see ``replica``), pulled
+    # every ``refresh_seconds``; readiness fails once the copy is older than ``stale_after``.
+    # Without the copy every lookup is a query (the direct mode, a benchmark baseline).
+    local_copy: bool = True
+    refresh_seconds: float = 1.0
+    stale_after: int = STALE_AFTER_SECONDS
+    replica_dir: str | None = None  # where the copies go (default: the temporary folder)
 
     def __post_init__(self) -> None:
         if not is_postgres_url(self.db):
@@ -43,6 +50,8 @@ class ServeConfig:
                 f"max_age must be between 0 and {STALE_AFTER_SECONDS} seconds",
             ),
             (self.workers >= 1, "workers must be at least 1"),
+            (0 < self.refresh_seconds <= 60, "refresh_seconds must be from 0 to 60 seconds"),
+            (self.stale_after > 0, "stale_after must be positive"),
             (0 <= self.port <= 65535, "port must be between 0 and 65535"),
             (not self.follow or self.sync_options is not None, "follow needs sync_options"),
             (self.eur_per_scr > 0, "eur_per_scr must be positive"),

@@ -46,6 +46,8 @@ class Metrics:
         self.requests: dict[tuple[str, str, str], list[int]] = {}
         # route -> [count per bucket (the last is +Inf)..., sum of seconds]
         self.latency: dict[str, list[float]] = {}
+        # A replica's local copy (``replica.Replica``), whose pulls are shown; None elsewhere.
+        self.replica = None
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -92,6 +94,8 @@ class Metrics:
             value=self.sync_errors(),
         )
         yield from store_families(self.read_store())
+        if self.replica is not None:
+            yield from replica_families(self.replica)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -142,3 +146,25 @@ def store_facts(store: Store) -> dict:
         "requests": counters.get("requests", 0),
         "throttled": counters.get("throttled", 0),
     }
+
+
+def replica_families(replica) -> Iterator:
+    """A replica's pulls: what it asks PostgreSQL (a pull a second, whatever the reads) and how
+    old its copy is."""
+    yield CounterMetricFamily(
+        "txagg_replica_queries",
+        "Statements this process sent to PostgreSQL to keep its local copy up to date",
+        value=replica.queries,
+    )
+    yield CounterMetricFamily(
+        "txagg_replica_errors",
+        "Pulls of this process that failed (it retries)",
+        value=replica.errors,
+    )
+    age = replica.age_seconds()
+    if age is not None:
+        yield GaugeMetricFamily(
+            "txagg_replica_age_seconds",
+            "Seconds since this process's copy was last brought up to date",
+            value=age,
+        )

@@ -3,6 +3,7 @@
 error answers.
 
 ``Views`` is a mixin of ``app.ServerApp``: its handlers use the app's ``config``, ``follower``,
+``replica``,
 ``snapshot``, ``reader``, ``metrics``, ``document_bytes``, ``docs_bytes`` and ``limiter``. Routes
 whose cost grows with the data run in a few worker threads (``Reader``), each with its own read
 connection, so a long page never stalls the event loop.
@@ -106,8 +107,18 @@ def parse_ready(params) -> bool:
 class Reader:
     """The answers that run in worker threads, each on a pooled read connection."""
 
-    def __init__(self, pool: StorePool, config: ServeConfig, salt: str, follow_state):
+    def __init__(
+        self,
+        pool: StorePool,
+        config: ServeConfig,
+        salt: str,
+        follow_state,
+        direct_pool: StorePool | None = None,
+    ):
         self.pool = pool
+        # A replica's pool of PostgreSQL connections, for what its local copy cannot answer
+        # (/status, /payouts over a period); None where ``pool`` reads the store itself.
+        self.direct_pool = direct_pool or pool
         self.config = config
         self.salt = salt
         self.visibility = "private" if config.token else "public"
@@ -115,7 +126,8 @@ class Reader:
 
     def payouts(self, query: PayoutsQuery, if_none_match: str | None) -> Answer:
         seconds = package.QUERY_SECONDS
-        with self.pool.store() as store:
+        period = query.since_ms is not None or query.until_ms is not None
+        with (self.direct_pool if period else self.pool).store() as store:
             # A page with since/until aggregates the whole period (the store keeps no per-user
             # index by time): a deadline keeps one huge period from holding a thread forever.
             # One read transaction: the version, asOf and the page all come from one snapshot,
@@ -151,7 +163,7 @@ class Reader:
     def status(self) -> Answer:
         options = self.config.sync_options
         rate, per = (options.rate_limit, options.per) if options else (None, None)
-        with self.pool.store() as store:
+        with self.direct_pool.store() as store:
             body = status_report(store, rate=rate, per=per)
         body["follow"] = self.follow_state()
         return Answer(200, dumps(body).encode(), {"Cache-Control": "no-store"})
@@ -224,6 +236,16 @@ class Views:
     def _not_ready(self, lag: int | None) -> str | None:
         """Readiness fails only while following: a server of a store synced elsewhere (cron)
         cannot fix the lag, and its asOf tells readers how fresh the answers are."""
+        replica = self.replica
+        if replica is not None:
+            age = replica.age_seconds()
+            limit = self.config.stale_after
+            if age is None or age > limit:
+                why = f": {replica.last_error}" if replica.last_error else ""
+                return (
+                    f"the local copy of the store was last brought up to date "
+                    f"{int(age or 0)} s ago (more than {limit} s){why}"
+                )
         if not self.config.follow:
             return None
         if self.follower is not None and not self.follower.alive():

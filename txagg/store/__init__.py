@@ -25,6 +25,7 @@ from ..errors import (
     QueryTimeout,
     StoreError,
     StoreTooNew,
+    StoreUnreachable,
     SyncLocked,
 )
 from ..settings import (
@@ -65,6 +66,7 @@ __all__ = [
     "StoreBackend",
     "StoreError",
     "StoreTooNew",
+    "StoreUnreachable",
     "SyncLocked",
     "UserTotals",
     "check_user_row",

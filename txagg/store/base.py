@@ -116,6 +116,17 @@ class StoreBackend(ABC):
     def sync_lock(self) -> AbstractContextManager[None]:
         return self.lock("sync")
 
+    # Whether ``sync --follow`` may stand by for the sync lock on this backend, with
+    # ``lock(name, lease=SECONDS)``, ``lease_timings``, ``standby_seen``, ``standby_gone`` and
+    # ``leadership`` (PostgreSQL: a store shared by machines). SQLite's lock is a file lock on
+    # one machine: a second syncer there exits 75 instead.
+    shares_leadership = False
+
+    def leadership(self, name: str = "sync") -> dict | None:
+        """Who holds the ``name`` lock and who stands by for it (see the PostgreSQL store);
+        None where the backend has no leader to show."""
+        return None
+
     # ------------------------------------------------------------ writes
 
     @abstractmethod

@@ -11,12 +11,17 @@ with the ``postgres`` extra installed).
   ``ingest.ingest_page`` through ``_Steps``, which rewrites the portable ``?`` statements for
   psycopg (``%s``) once each; psycopg sends the ``executemany`` batches in pipeline mode.
 - Locks (``sync``, ``verify``): a lease row in ``store_locks`` (owner, epoch, expiry timed by
-  the database's clock), renewed every LOCK_RENEW_SECONDS by a thread on the lock's own
-  connection. It is free when it has expired, or at once when the backend of its holder's
-  connection is gone (the holder died: PostgreSQL closes a dead client's session). Every write
-  transaction of the holder checks, under the row's lock, that the lease is still its own
-  (owner and epoch): a holder paused past its lease, whose lock another process took over,
-  cannot write when it wakes (SyncLocked).
+  the database's clock), renewed every LOCK_RENEW_SECONDS (or a sixth of ``lock(lease=)``) by a
+  thread on the lock's own connection. It is free when it has expired, or at once when the
+  backend of its holder's connection is gone (the holder died: PostgreSQL closes a dead
+  client's session). Every write transaction of the holder checks, under the row's lock, that
+  the lease is still its own (owner and epoch): a holder paused past its lease, whose lock
+  another process took over, cannot write when it wakes (SyncLocked). Standbys (``sync
+  --follow``) wait for the lease and record when they were last seen in the same table
+  (``standby:NAME:OWNER`` rows, see ``standby_seen``); ``leadership`` reads both for status.
+- Sessions: ``lock_timeout`` below the lease on every connection, and on the writers'
+  ``idle_in_transaction_session_timeout``, so a holder stopped inside a transaction (SIGSTOP, a
+  partition) is ended by the server and its locks freed before anyone waited a lease on it.
 - Read commands open the store with ``default_transaction_read_only``: nothing they run can
   write, create or migrate.
 - Every psycopg error leaves as a StoreError saying what happened and what to do; messages name
@@ -53,6 +58,7 @@ from ..errors import (
     QueryTimeout,
     StoreError,
     StoreTooNew,
+    StoreUnreachable,
     SyncLocked,
 )
 from ..settings import MAX_BLOCK_SECONDS, MAX_TOTAL_CENTS, MAX_USER_TRANSACTIONS, TOKEN_MARGIN
@@ -63,7 +69,16 @@ from .schema import MIGRATIONS, MIGRATIONS_TABLE, SCHEMA_VERSION
 
 LOCK_TTL_SECONDS = 15.0  # a lease not renewed for this long is free (a hung or cut-off holder)
 LOCK_RENEW_SECONDS = 5.0  # how often the holder renews it
-LOCK_WAIT = "30s"  # lock_timeout: the longest a write waits for another writer (as SQLite's)
+# lock_timeout: the longest a statement waits for another session's lock; below the lease, so
+# nobody waits on a stopped holder longer than it takes the server to end that holder's session.
+LOCK_WAIT_SECONDS = 15.0
+# idle_in_transaction_session_timeout of the writers: a session that stopped answering inside a
+# transaction (its process stopped, paused or cut off) is ended, and its locks freed, after this.
+IDLE_IN_TRANSACTION_SECONDS = 5.0
+TCP_KEEPALIVE = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5"}
+STANDBY_PREFIX = "standby:"  # store_locks rows of the standbys: standby:NAME:OWNER
+STANDBYS_SHOWN_SECONDS = 600  # status lists the standbys seen within this
+STANDBYS_KEPT = "1 day"  # older standby rows are deleted
 CONNECT_TIMEOUT_SECONDS = 10
 LOCKS_TABLE = "store_locks"
 _WRITE_LOCK_CLASS = 0x74786167  # "txag": the first key of the write lock, the schema the second
@@ -122,6 +137,56 @@ PG_MIGRATIONS: dict[int, list[str]] = {
         )""",
     ],
 }
+# Migrations only a PostgreSQL store has, after the shared ones: what replicas that copy the store
+# need (SQLite stores are served from their own file and keep their schema version). A shared
+# migration added later takes the next free number after these (SQLite skips the gap).
+DATA_VERSION_TABLE = "data_version"
+PG_ONLY_MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        2,
+        "change versions",
+        [
+            # Which commit last changed each user: replicas pull the rows newer than theirs.
+            "ALTER TABLE users ADD COLUMN version BIGINT NOT NULL DEFAULT 0",
+            "CREATE INDEX users_version ON users (version)",
+            # The store-wide counter, bumped by every commit that changes an answer.
+            f"""CREATE TABLE {DATA_VERSION_TABLE} (
+                name {_TEXT_KEY} PRIMARY KEY,
+                value BIGINT NOT NULL
+            )""",
+            f"INSERT INTO {DATA_VERSION_TABLE} (name, value) VALUES ('data', 0)",
+        ],
+    ),
+]
+PG_SCHEMA_VERSION = max(SCHEMA_VERSION, PG_ONLY_MIGRATIONS[-1][0])
+# State whose change alters answers (asOf is in every user and payout answer): writing it bumps
+# the data version, as every ingest does.
+ANSWER_STATE = frozenset({"as_of"})
+_BUMP_VERSION = (
+    f"UPDATE {DATA_VERSION_TABLE} SET value = value + 1 WHERE name = 'data' RETURNING value"
+)
+# The shared ingest step that adds a page to the users' totals, also stamping the users it
+# touches with the page's data version (a PostgreSQL-only step: SQLite runs the shared one).
+_ADD_TO_USERS_VERSIONED = (
+    steps._ADD_TO_USERS.replace(
+        "last_tx_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "last_tx_at, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    + ", version = excluded.version"
+)
+assert "version) VALUES" in _ADD_TO_USERS_VERSIONED
+# What a replica pulls, in one statement (so from one snapshot): the data version, the counters,
+# asOf, then every user changed since the replica's version.
+PULL_SQL = f"""
+    SELECT 'v'::text, NULL::text, value, NULL::bigint, NULL::bigint, NULL::bigint,
+        NULL::bigint, NULL::bigint, NULL::text
+    FROM {DATA_VERSION_TABLE} WHERE name = 'data'
+    UNION ALL SELECT 'c', name, value, NULL, NULL, NULL, NULL, NULL, NULL FROM counters
+    UNION ALL SELECT 's', name, NULL, NULL, NULL, NULL, NULL, NULL, value FROM sync_state
+        WHERE name = 'as_of'
+    UNION ALL SELECT 'u', user_id, earned, spent, payout, tx_count, payout_count, last_tx_at,
+        NULL FROM users WHERE version > %s"""
+
 TABLES = (
     "transactions",
     "users",
@@ -131,6 +196,7 @@ TABLES = (
     "counters",
     "rate_budget",
     LOCKS_TABLE,
+    DATA_VERSION_TABLE,
     MIGRATIONS_TABLE,
 )
 
@@ -167,6 +233,42 @@ _FENCE = f"""
 _RELEASE = f"""
     UPDATE {LOCKS_TABLE} SET expires_at = '-infinity', holder_pid = NULL
     WHERE name = %s AND owner = %s AND epoch = %s"""
+
+
+class LeaseTimings:
+    """What a failover budget of ``lease`` seconds means: the lease runs ``ttl`` (half of it)
+    and is renewed every ``renew`` (a third of that); a standby asks every ``retry`` (a tenth of
+    it), so a standby holds the lease at most ttl + retry (0.6 of the budget) after the leader's
+    last renewal, and the rest is left for its first page. A session stopped in a transaction is
+    ended after ``idle`` (a third of the ttl, at most IDLE_IN_TRANSACTION_SECONDS), and nobody
+    waits for a lock longer than ``lock_wait`` (the ttl, at most LOCK_WAIT_SECONDS)."""
+
+    __slots__ = ("lease", "ttl", "renew", "retry", "idle", "lock_wait")
+
+    def __init__(self, lease: float | None = None):
+        if lease is None:  # the module's defaults (as the tests set them)
+            self.ttl, self.renew = LOCK_TTL_SECONDS, LOCK_RENEW_SECONDS
+            self.lease = self.ttl * 2
+        else:
+            self.lease = float(lease)
+            self.ttl, self.renew = self.lease / 2, self.lease / 6
+        self.retry = max(0.2, self.lease / 10)
+        self.idle = max(1.0, min(IDLE_IN_TRANSACTION_SECONDS, self.ttl / 3))
+        self.lock_wait = max(1.0, min(LOCK_WAIT_SECONDS, self.ttl))
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(1, int(seconds * 1000))}ms"
+
+
+def _session(timings: LeaseTimings, *, read_only: bool) -> dict[str, str]:
+    """The session settings of a store's connection (see LeaseTimings)."""
+    settings = {"lock_timeout": _ms(timings.lock_wait)}
+    if read_only:
+        settings["default_transaction_read_only"] = "on"
+    else:
+        settings["idle_in_transaction_session_timeout"] = _ms(timings.idle)
+    return settings
 
 
 def display_url(url: str) -> str:
@@ -219,16 +321,23 @@ class _Steps:
     ``= ANY(%b)``: a page is a handful of statements, not a thousand. The arrays go in binary
     (``%b``): psycopg quotes text arrays in Python, binary ones it does not."""
 
-    __slots__ = ("cursor", "store")
+    __slots__ = ("cursor", "store", "version")
 
-    def __init__(self, cursor: psycopg.Cursor, store: PostgresStore):
+    def __init__(self, cursor: psycopg.Cursor, store: PostgresStore, version: int | None = None):
         self.cursor = cursor
         self.store = store
+        self.version = version  # the data version this transaction stamps on the users
 
     def execute(self, statement: str, params=None) -> psycopg.Cursor:
         return self.cursor.execute(_pg(statement), params)
 
     def executemany(self, statement: str, rows: list) -> None:
+        if self.version is not None and statement is steps._ADD_TO_USERS:
+            statement = _ADD_TO_USERS_VERSIONED
+            rows = [(*row, self.version) for row in rows]
+        self._executemany(statement, rows)
+
+    def _executemany(self, statement: str, rows: list) -> None:
         if len(rows) > 1 and (bulk := self.store._bulk_statement(self.cursor, statement)):
             self.cursor.execute(bulk, [list(column) for column in zip(*rows, strict=True)])
         else:
@@ -238,19 +347,26 @@ class _Steps:
         return self.cursor.execute(_any(template), (values,))
 
 
-def _connect(url: str, *, read_only: bool = False) -> psycopg.Connection:
-    """A new autocommit connection; psycopg's errors as they come (see _connect_error)."""
+def _connect(
+    url: str, *, read_only: bool = False, session: dict[str, str] | None = None
+) -> psycopg.Connection:
+    """A new autocommit connection with ``session``'s settings (default: ``_session``'s for the
+    module's lease); psycopg's errors as they come (see _connect_error)."""
     params = conninfo_to_dict(url)
     extra: dict[str, object] = {}
     if "connect_timeout" not in params:
         extra["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
     if "application_name" not in params:
         extra["application_name"] = "txagg"
+    for name, value in TCP_KEEPALIVE.items():  # a cut-off server is noticed in seconds
+        if name not in params:
+            extra[name] = value
+    if session is None:
+        session = _session(LeaseTimings(), read_only=read_only)
     conn = psycopg.connect(url, autocommit=True, **extra)
     try:
-        conn.execute(f"SET lock_timeout = '{LOCK_WAIT}'")
-        if read_only:
-            conn.execute("SET default_transaction_read_only = on")
+        for name, value in session.items():
+            conn.execute("SELECT set_config(%s, %s, false)", (name, value))
     except BaseException:
         conn.close()
         raise
@@ -278,30 +394,50 @@ def _connect_error(error: Exception, url: str) -> StoreError:
         or ("role" in text and "does not exist" in text)
     ):
         return StoreError(f"PostgreSQL at {where} refused the login: {text}")
-    return StoreError(f"cannot reach PostgreSQL at {where}: {text}")
+    return StoreUnreachable(f"cannot reach PostgreSQL at {where}: {text}")
 
 
 class _Lease:
     """One held lock: its row's owner and epoch, and the thread (with its own connection)
     that renews it."""
 
-    def __init__(self, store: PostgresStore, name: str):
+    def __init__(self, store: PostgresStore, name: str, timings: LeaseTimings):
         self.store = store
         self.name = name
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.timings = timings
+        self.ttl = timings.ttl
+        self.owner = owner_id()
         self.epoch: int | None = None
         self.conn: psycopg.Connection | None = None
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
 
+    def _connect(self) -> psycopg.Connection:
+        """The lease's own connection: its statements are tiny, so none may wait (for a lock
+        or at all) longer than a third of the ttl."""
+        short = _ms(max(0.5, self.ttl / 3))
+        session = {
+            **_session(self.timings, read_only=False),
+            "lock_timeout": short,
+            "statement_timeout": short,
+        }
+        return _connect(self.store.url, session=session)
+
     def acquire(self) -> None:
         try:
-            self.conn = _connect(self.store.url)
+            self.conn = self._connect()
         except psycopg.Error as error:
             raise _connect_error(error, self.store.url) from None
         try:
-            params = {"name": self.name, "owner": self.owner, "ttl": LOCK_TTL_SECONDS}
-            row = self.conn.execute(_ACQUIRE, params).fetchone()
+            params = {"name": self.name, "owner": self.owner, "ttl": self.ttl}
+            try:
+                row = self.conn.execute(_ACQUIRE, params).fetchone()
+            except (pg_errors.LockNotAvailable, pg_errors.QueryCanceled):
+                # the row is locked by its holder's transaction (a stopped holder's until the
+                # server ends its session): held, for now
+                raise SyncLocked(
+                    f"another {self.name} is working on {self.store.path}; try again later"
+                ) from None
             if row is None:
                 holder = self.conn.execute(
                     f"SELECT owner FROM {LOCKS_TABLE} WHERE name = %s", (self.name,)
@@ -323,15 +459,13 @@ class _Lease:
         self.thread.start()
 
     def _renew(self) -> None:
-        """Renew every LOCK_RENEW_SECONDS until released or lost; a dropped connection is
+        """Renew every ``renew`` seconds until released or lost; a dropped connection is
         opened again (meanwhile the lease may lapse: the holder's next write finds out)."""
-        while not self.stopping.wait(LOCK_RENEW_SECONDS):
+        while not self.stopping.wait(self.timings.renew):
             try:
                 if self.conn is None or self.conn.closed:
-                    self.conn = _connect(self.store.url)
-                cursor = self.conn.execute(
-                    _RENEW, (LOCK_TTL_SECONDS, self.name, self.owner, self.epoch)
-                )
+                    self.conn = self._connect()
+                cursor = self.conn.execute(_RENEW, (self.ttl, self.name, self.owner, self.epoch))
                 if cursor.rowcount != 1:
                     return  # taken over: the holder's next write raises SyncLocked
             except psycopg.Error:
@@ -345,7 +479,7 @@ class _Lease:
             self.thread.join()
         try:
             if self.conn is None or self.conn.closed:
-                self.conn = _connect(self.store.url)
+                self.conn = self._connect()
             self.conn.execute(_RELEASE, (self.name, self.owner, self.epoch))
         except psycopg.Error:
             pass  # the lease runs out by itself
@@ -366,6 +500,7 @@ class PostgresStore(StoreBackend):
         self.read_only = read_only
         self.immutable = False
         self._leases: dict[str, _Lease] = {}
+        self._session = _session(LeaseTimings(), read_only=read_only)
         self._write_key = (_WRITE_LOCK_CLASS, 0)
         self._bulk: dict[str, str | None] = {}  # executemany statement -> its unnest form
 
@@ -411,18 +546,18 @@ class PostgresStore(StoreBackend):
         schema = self.conn.execute("SELECT current_schema()").fetchone()[0] or ""
         self._write_key = (_WRITE_LOCK_CLASS, zlib.crc32(schema.encode()) - 2**31)
         version = self._schema_version()
-        if version > SCHEMA_VERSION:
+        if version > PG_SCHEMA_VERSION:
             raise StoreTooNew(
                 f"the store {self.path} has schema version {version}, written by a newer txagg; "
-                f"this txagg knows up to version {SCHEMA_VERSION}: upgrade txagg"
+                f"this txagg knows up to version {PG_SCHEMA_VERSION}: upgrade txagg"
             )
         if version == 0 and not create:
             raise NoStore(f"no store in {self.path}: run 'txagg sync' first (or pass --db)")
-        if version < SCHEMA_VERSION:
+        if version < PG_SCHEMA_VERSION:
             if self.read_only:
                 raise StoreError(
                     f"the store {self.path} has schema version {version}, older than this "
-                    f"txagg's {SCHEMA_VERSION}, and read commands never change a store: "
+                    f"txagg's {PG_SCHEMA_VERSION}, and read commands never change a store: "
                     "run 'txagg sync' once to upgrade it"
                 )
             self._migrate()
@@ -450,10 +585,10 @@ class PostgresStore(StoreBackend):
             current = cursor.execute(
                 f"SELECT coalesce(max(version), 0) FROM {MIGRATIONS_TABLE}"
             ).fetchone()[0]
-            for version, name, _sqlite_statements in MIGRATIONS:
+            for version, name, statements in _pg_migrations():
                 if version <= current:
                     continue
-                for statement in PG_MIGRATIONS[version]:
+                for statement in statements:
                     cursor.execute(statement)
                 cursor.execute(
                     f"INSERT INTO {MIGRATIONS_TABLE} (version, name, applied_at) "
@@ -474,7 +609,7 @@ class PostgresStore(StoreBackend):
         conn = self.conn
         if conn.closed:
             try:
-                conn = self.conn = _connect(self.url, read_only=self.read_only)
+                conn = self.conn = _connect(self.url, session=self._session)
             except psycopg.Error as error:
                 raise _connect_error(error, self.url) from None
         return conn
@@ -517,7 +652,7 @@ class PostgresStore(StoreBackend):
                 f"the store {self.path} is damaged ({text}): restore a copy or sync into a new --db"
             )
         if isinstance(error, psycopg.OperationalError) and self.conn.closed:
-            return StoreError(
+            return StoreUnreachable(
                 f"lost the connection to PostgreSQL at {self.where}: {text}; nothing of an "
                 "interrupted write was kept: run again"
             )
@@ -559,12 +694,12 @@ class PostgresStore(StoreBackend):
                 cursor = conn.cursor()
                 cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", self._write_key)
                 for lease in self._leases.values():
-                    cursor.execute(_FENCE, (LOCK_TTL_SECONDS, lease.name, lease.owner, lease.epoch))
+                    cursor.execute(_FENCE, (lease.ttl, lease.name, lease.owner, lease.epoch))
                     if cursor.rowcount != 1:
                         raise SyncLocked(
                             f"this process lost the {lease.name} lock on {self.path} to "
                             f"another (it was cut off or paused for longer than "
-                            f"{LOCK_TTL_SECONDS:g} s); nothing more was written"
+                            f"{lease.ttl:g} s); nothing more was written"
                         )
                 yield cursor
         except psycopg.Error as error:
@@ -577,22 +712,103 @@ class PostgresStore(StoreBackend):
             yield _Steps(cursor, self)
 
     @contextmanager
-    def lock(self, name: str) -> Iterator[None]:
+    def lock(self, name: str, *, lease: float | None = None) -> Iterator[None]:
         """Hold the store's ``name`` lock; raise SyncLocked at once if another process holds it.
 
-        A lease row renewed by this process; free once it expires (LOCK_TTL_SECONDS) or at once
-        when the holder's connection is gone, so a killed holder releases it.
+        A lease row renewed by this process; free once it expires (LOCK_TTL_SECONDS, or half of
+        ``lease`` seconds: see LeaseTimings) or at once when the holder's connection is gone, so
+        a killed holder releases it. With ``lease``, this store's own sessions get its timeouts.
         """
         if name in self._leases:
             raise SyncLocked(f"another {name} is working on {self.path}; try again later")
-        lease = _Lease(self, name)
-        lease.acquire()
-        self._leases[name] = lease
+        timings = LeaseTimings(lease)
+        if lease is not None:
+            self._tune(timings)
+        held = _Lease(self, name, timings)
+        held.acquire()
+        self._leases[name] = held
         try:
             yield
         finally:
             del self._leases[name]
-            lease.release()
+            held.release()
+
+    def _tune(self, timings: LeaseTimings) -> None:
+        """This store's session settings for ``timings``, now and on every reconnection."""
+        self._session = _session(timings, read_only=self.read_only)
+        conn = self._live()
+        try:
+            for name, value in self._session.items():
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        except psycopg.Error as error:
+            raise self._error(error) from None
+
+    # ------------------------------------------------------------ leader and standbys
+
+    shares_leadership = True  # sync --follow may stand by for the lease (see sync.sync)
+
+    def lease_timings(self, lease: float | None = None) -> LeaseTimings:
+        return LeaseTimings(lease)
+
+    def standby_seen(self, owner: str, name: str = "sync") -> None:
+        """Record that the standby ``owner`` waits for the ``name`` lock (now, by the database's
+        clock: its row's ``expires_at`` is when it was last seen); forget standbys gone for
+        longer than STANDBYS_KEPT."""
+        key = f"{STANDBY_PREFIX}{name}:{owner}"
+        try:
+            conn = self._live()
+            with conn.transaction():
+                conn.execute(
+                    f"INSERT INTO {LOCKS_TABLE} (name, owner, epoch, expires_at, holder_pid) "
+                    "VALUES (%s, %s, 0, now(), pg_backend_pid()) ON CONFLICT (name) DO UPDATE "
+                    "SET expires_at = now(), holder_pid = excluded.holder_pid",
+                    (key, owner),
+                )
+                conn.execute(
+                    f"DELETE FROM {LOCKS_TABLE} WHERE left(name, %s) = %s "
+                    f"AND expires_at < now() - interval '{STANDBYS_KEPT}'",
+                    (len(STANDBY_PREFIX), STANDBY_PREFIX),
+                )
+        except psycopg.Error as error:
+            raise self._error(error) from None
+
+    def standby_gone(self, owner: str, name: str = "sync") -> None:
+        """The standby ``owner`` no longer waits (it leads, or it stopped)."""
+        try:
+            self._live().execute(
+                f"DELETE FROM {LOCKS_TABLE} WHERE name = %s", (f"{STANDBY_PREFIX}{name}:{owner}",)
+            )
+        except psycopg.Error as error:
+            raise self._error(error) from None
+
+    def leadership(self, name: str = "sync") -> dict:
+        """Who holds the ``name`` lock and who waits for it: {"owner", "epoch", "leaseUntilMs",
+        "active", "standbys": [{"owner", "lastSeenMs"}]}; owner None when it was never taken.
+        ``active``: the lease has not run out and its holder's session is there."""
+        row = self._query(
+            "SELECT owner, epoch, CASE WHEN isfinite(expires_at) "
+            "THEN (extract(epoch FROM expires_at) * 1000)::bigint END, "
+            "expires_at > now() AND holder_pid IS NOT NULL "
+            "AND EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = holder_pid) "
+            f"FROM {LOCKS_TABLE} WHERE name = %s",
+            (name,),
+        ).fetchone()
+        prefix = f"{STANDBY_PREFIX}{name}:"
+        standbys = self._query(
+            "SELECT owner, (extract(epoch FROM expires_at) * 1000)::bigint "
+            f"FROM {LOCKS_TABLE} WHERE left(name, %s) = %s "
+            f"AND expires_at > now() - interval '{STANDBYS_SHOWN_SECONDS} seconds' "
+            "ORDER BY expires_at DESC, owner",
+            (len(prefix), prefix),
+        ).fetchall()
+        owner, epoch, until, active = row if row else (None, 0, None, False)
+        return {
+            "owner": owner,
+            "epoch": epoch,
+            "leaseUntilMs": until,
+            "active": bool(active),
+            "standbys": [{"owner": who, "lastSeenMs": seen} for who, seen in standbys],
+        }
 
     # ------------------------------------------------------------ ingest
 
@@ -605,7 +821,16 @@ class PostgresStore(StoreBackend):
     ) -> IngestResult:
         """Store one page of upstream records and, in the same transaction, the sync state
         (see ``sqlite.Store.ingest``: the same steps, the same rules)."""
-        return ingest_page(self.transaction, self.path, records, state=state, now_ms=now_ms)
+        return ingest_page(
+            self._versioned_transaction, self.path, records, state=state, now_ms=now_ms
+        )
+
+    @contextmanager
+    def _versioned_transaction(self) -> Iterator[_Steps]:
+        """An ingest's write transaction: it bumps the data version (a page always moves the
+        cursor, often asOf and totals) and stamps it on every user it adds to."""
+        with self._write() as cursor:
+            yield _Steps(cursor, self, bump_data_version(cursor))
 
     def place_quarantined(self, raws: list[str], at_ms: int) -> int:
         with self.transaction() as conn:
@@ -616,6 +841,8 @@ class PostgresStore(StoreBackend):
     def put_state(self, **state: object) -> None:
         with self.transaction() as conn:
             steps.put_state(conn, state)
+            if ANSWER_STATE.intersection(state):
+                bump_data_version(conn.cursor)
 
     def state(self) -> dict[str, object]:
         rows = self._query("SELECT name, value FROM sync_state").fetchall()
@@ -830,6 +1057,25 @@ class PostgresStore(StoreBackend):
             (list(TABLES),),
         ).fetchone()
         return row[0]
+
+
+def _pg_migrations() -> list[tuple[int, str, list[str]]]:
+    """Every migration of a PostgreSQL store in order: (version, name, statements)."""
+    shared = [(version, name, PG_MIGRATIONS[version]) for version, name, _ in MIGRATIONS]
+    return sorted(shared + PG_ONLY_MIGRATIONS)
+
+
+def bump_data_version(cursor: psycopg.Cursor) -> int:
+    """Bump the store's data version inside the caller's write transaction: the new version,
+    which the users this transaction changes are stamped with. Writers take turns (the write
+    lock), so versions commit in order and a replica that has seen version N has seen every
+    change up to N."""
+    return cursor.execute(_BUMP_VERSION).fetchone()[0]
+
+
+def owner_id() -> str:
+    """Who a lease or a standby row is: HOST:PID:RANDOM (RANDOM tells two terms apart)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
 def conn_params(url: str) -> dict:

@@ -1,0 +1,265 @@
+"""One active syncer, fenced, on a PostgreSQL store: ``sync --follow`` on several machines
+(here: processes), one leading, the others standing by and taking over when it dies or hangs;
+a leader paused past its lease commits nothing when it wakes, and steps down.
+
+Against the real PostgreSQL and real ``txagg`` processes; every wait is a wait_for with a
+generous deadline, never a guess at how long something takes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from contextlib import ExitStack
+
+import psycopg
+import pytest
+from conftest import new_pg_store_url, peek, record, run_sql, run_txagg, wait_for
+from test_shapes import check
+
+from txagg import shapes
+from txagg.store import Store, StoreError, SyncLocked
+from txagg.testing import differing_users, ground_truth, txagg_command
+
+LEASE = 10.0  # the followers' failover budget: a lease of 5 s, renewed every 1.7 s
+FAULTS = "error=0.05,reset=0.03,truncate=0.03,duplicate=0.05"
+
+
+# ---------------------------------------------------------------- fencing, directly
+
+
+def test_a_stale_leaders_commit_cannot_land(pg_url):
+    """The first holder is paused past its lease (its renewal stops) while inside a write
+    transaction: the server ends its session, the second takes the lease, and whatever the
+    first does when it wakes raises and writes nothing."""
+    with Store.open(pg_url) as first, Store.open(pg_url) as second, ExitStack() as held:
+        held.enter_context(first.lock("sync", lease=3.0))
+        first.ingest([record(1)], state={"position": 1})
+        lease = first._leases["sync"]
+        lease.stopping.set()  # the pause: no more renewals ...
+        lease.thread.join()
+        paused, wake = threading.Event(), threading.Event()
+        outcome: list[BaseException | None] = []
+
+        def stalled_write() -> None:  # ... and a transaction left open meanwhile
+            try:
+                with first.transaction() as conn:
+                    conn.execute("UPDATE sync_state SET value = '99' WHERE name = 'position'")
+                    paused.set()
+                    wake.wait(60)
+                outcome.append(None)
+            except BaseException as error:  # noqa: BLE001 (what the commit raised)
+                outcome.append(error)
+
+        writer = threading.Thread(target=stalled_write)
+        writer.start()
+        held.callback(writer.join)
+        held.callback(wake.set)
+        assert paused.wait(30)
+
+        def taken() -> bool:
+            try:
+                held.enter_context(second.lock("sync", lease=3.0))
+                return True
+            except SyncLocked:
+                return False
+
+        began = time.monotonic()
+        wait_for(taken, timeout=30)
+        # the stopped transaction was ended by the server: nobody waited a lease on it
+        assert time.monotonic() - began < 6
+        second.ingest([record(3)], state={"position": 3})
+        wake.set()
+        writer.join()
+        assert isinstance(outcome[0], StoreError), outcome
+        with pytest.raises(SyncLocked, match="lost the sync lock"):
+            first.ingest([record(2)], state={"position": 2})
+        with pytest.raises(SyncLocked, match="lost the sync lock"):
+            first.take_token(5, 60)
+        with pytest.raises(SyncLocked, match="lost the sync lock"):
+            first.put_state(position=4)
+        assert run_sql(pg_url, "SELECT epoch FROM store_locks WHERE name = 'sync'") == [(2,)]
+        assert second.state_value("position") == 3
+        assert second.counters()["transactions"] == 2
+        assert second.user_totals("000001").tx_count == 2
+
+
+def test_status_shows_the_leader_and_the_standbys(pg_url):
+    with Store.open(pg_url) as leader, Store.open(pg_url) as standby:
+        assert leader.leadership()["owner"] is None
+        with leader.lock("sync", lease=30.0):
+            standby.standby_seen("other-host:4242:abcdef")
+            leader.put_state(position=1)
+            result = run_txagg("status", "--db", pg_url, "--json")
+            assert result.returncode == 0, result.stderr
+            body = check(shapes.StatusReport, result.stdout)["leader"]
+            assert body["active"] is True and body["epoch"] == 1
+            assert body["owner"] == leader._leases["sync"].owner
+            assert body["leaseUntil"] is not None
+            assert [(s["host"], s["pid"]) for s in body["standbys"]] == [("other-host", 4242)]
+            table = run_txagg("status", "--db", pg_url, "--format", "table")
+            assert "Leader" in table.stdout and "other-host:4242" in table.stdout
+        standby.standby_gone("other-host:4242:abcdef")
+        assert standby.leadership()["standbys"] == []
+        assert standby.leadership()["active"] is False
+
+
+# ---------------------------------------------------------------- real processes
+
+
+class Follower:
+    """``txagg sync --follow`` in a subprocess, its stderr collected line by line."""
+
+    def __init__(self, name: str, db: str, *args: str):
+        self.name = name
+        self.process = subprocess.Popen(
+            txagg_command("sync", "--follow", "--db", f"{db}&application_name={name}", *args),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self.process.pid
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def said(self, text: str, after: int = 0) -> bool:
+        return any(text in line for line in self.lines[after:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.kill()
+        self.process.wait()
+        self.reader.join(10)
+        self.process.stderr.close()
+
+
+AUDIT = """
+CREATE TABLE commit_audit (
+    id bigserial PRIMARY KEY, app text, owner text, epoch bigint,
+    at timestamptz DEFAULT clock_timestamp());
+CREATE FUNCTION audit_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO commit_audit (app, owner, epoch)
+    SELECT current_setting('application_name'), owner, epoch FROM store_locks
+    WHERE name = 'sync';
+    RETURN NULL;
+END $$;
+CREATE TRIGGER audit AFTER INSERT OR UPDATE ON sync_state
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_commit();
+"""
+
+
+def commits(db: str, app: str, after: int = 0) -> int:
+    """Write transactions of sync state by the follower ``app`` (rows of the audit) after the
+    audit row ``after``."""
+    return run_sql(db, "SELECT count(*) FROM commit_audit WHERE app = ? AND id > ?", (app, after))[
+        0
+    ][0]
+
+
+def last_audit(db: str) -> int:
+    return run_sql(db, "SELECT coalesce(max(id), 0) FROM commit_audit")[0][0]
+
+
+def leader_pid(db: str) -> int | None:
+    found = peek(db, lambda store: store.leadership())
+    if not found or not found["active"] or found["owner"] is None:
+        return None
+    return int(found["owner"].split(":")[1])
+
+
+def standby_pids(db: str) -> list[int]:
+    found = peek(db, lambda store: store.leadership()) or {"standbys": []}
+    return [int(standby["owner"].split(":")[1]) for standby in found["standbys"]]
+
+
+def test_failover_under_live_traffic_with_faults(mock_process, pg_database):
+    """Two followers against a faulty upstream with live traffic. The leader is stopped
+    (SIGSTOP) past its lease: the standby takes over and commits; woken (SIGCONT), the old
+    leader steps down and commits nothing. Then the new leader is killed (kill -9): the other
+    takes over. At the end the store is the upstream's ground truth, exactly, and every commit
+    was made by the holder of the lease at that moment."""
+    fast = ("--rate-limit", "20", "--per", "1")
+    mock = mock_process(
+        "--seed", "12", "--users", "40", "--history", "3000", "--tx-per-minute", "600",
+        "--live-for", "40", "--faults", FAULTS, *fast,
+    )  # fmt: skip
+    live_ends = time.monotonic() + 41  # --live-for, from about when the mock started
+    db = new_pg_store_url(pg_database)
+    common = ["--settle", "0", "--interval", "1", "--lease", str(LEASE), *fast]
+    first = run_txagg("sync", "--api-url", mock.url, "--db", db, *common)
+    assert first.returncode == 0, first.stderr
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(AUDIT)
+
+    a = Follower("txagg-a", db, *common)
+    b = None
+    try:
+        wait_for(lambda: leader_pid(db) == a.pid, timeout=30)
+        wait_for(lambda: a.said("leading: epoch 2"), timeout=30)
+        b = Follower("txagg-b", db, *common)
+        wait_for(lambda: b.said("standing by: leader "), timeout=30)
+        assert b.said(f":{a.pid}:") and b.said("epoch 2")
+        # status names the leader and the standby; a cron sync exits 75 meanwhile
+        status = json.loads(run_txagg("status", "--db", db, "--json").stdout)["leader"]
+        assert status["pid"] == a.pid and status["active"] and status["epoch"] == 2
+        wait_for(lambda: b.pid in standby_pids(db), timeout=30)
+        cron = run_txagg("sync", "--db", db, *common)
+        assert cron.returncode == 75, cron.stderr
+        assert "another sync" in cron.stderr
+        assert commits(db, "txagg-a") > 0 and commits(db, "txagg-b") == 0
+
+        # the leader hangs past its lease: the standby takes over and commits
+        a.process.send_signal(signal.SIGSTOP)
+        stopped_at = last_audit(db)
+        wait_for(lambda: leader_pid(db) == b.pid, timeout=45)
+        wait_for(lambda: commits(db, "txagg-b", stopped_at) > 0, timeout=45)
+        assert b.said("leading: epoch ")
+
+        # it wakes: it steps down, and nothing it does lands
+        woken_at = last_audit(db)
+        seen = len(a.lines)
+        a.process.send_signal(signal.SIGCONT)
+        wait_for(lambda: a.said("standing by: leader ", after=seen), timeout=45)
+        assert a.said("stepping down", after=seen) or a.said("lost", after=seen)
+        wait_for(lambda: commits(db, "txagg-b", woken_at) > 1, timeout=45)
+        assert commits(db, "txagg-a", stopped_at) == 0
+        assert a.process.poll() is None, "the old leader exited instead of standing by"
+
+        # the new leader dies: the other takes over at once (its session is gone)
+        b.process.send_signal(signal.SIGKILL)
+        b.process.wait()
+        killed_at = last_audit(db)
+        seen = len(a.lines)
+        wait_for(lambda: leader_pid(db) == a.pid, timeout=45)
+        wait_for(lambda: commits(db, "txagg-a", killed_at) > 0, timeout=45)
+        assert a.said("leading: epoch ", after=seen)
+
+        # the live traffic ends: the store catches up to the upstream's ground truth exactly
+        wait_for(lambda: time.monotonic() > live_ends, timeout=90, every=0.5)
+        truth = ground_truth(mock.url)
+        wait_for(lambda: peek(db, lambda store: differing_users(store, truth)) == [], timeout=90)
+        total = sum(user["transactions"] for user in truth)
+        assert peek(db, lambda store: store.counters()["transactions"]) == total
+
+        # every commit was made by the holder of the lease, in epoch order
+        rows = run_sql(db, "SELECT app, owner, epoch FROM commit_audit ORDER BY id")
+        pids = {"txagg-a": a.pid, "txagg-b": b.pid}
+        wrong = [row for row in rows if int(row[1].split(":")[1]) != pids.get(row[0])]
+        assert wrong == []
+        epochs = [row[2] for row in rows]
+        assert epochs == sorted(epochs) and len(set(epochs)) >= 3  # a, b, a again
+        a.process.send_signal(signal.SIGTERM)
+        assert a.process.wait(timeout=60) == 0
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
