@@ -11,6 +11,7 @@ from .. import server as package  # QUERY_SECONDS is read from there at call tim
 from ..httpserve import JSON_TYPE, docs_redirect_doc
 from ..httpserve import problem_response_doc as _problem_response
 from ..report import STALE_AFTER_SECONDS
+from ..store import is_postgres_url
 from .config import MAX_HEADER_BYTES, MAX_PATH_BYTES, ServeConfig
 
 
@@ -124,6 +125,12 @@ def _simple_operation(config: ServeConfig, summary: str, operation_id: str, ok: 
 
 
 def _healthz_operation(config: ServeConfig, parameters: list[dict]) -> dict:
+    replica = ""
+    if is_postgres_url(config.db) and config.local_copy:
+        replica = (
+            " It is not ready either once this process's copy of the store was last brought "
+            f"up to date more than {config.stale_after} s ago (PostgreSQL unreachable)."
+        )
     return {
         "get": {
             "summary": "Liveness, and with ready=true readiness",
@@ -131,7 +138,7 @@ def _healthz_operation(config: ServeConfig, parameters: list[dict]) -> dict:
                 "Always answers 200 while the process serves (liveness); the body says whether "
                 "it is ready. With `ready=true` it answers 503 when it is not: only while "
                 f"following, when the data is more than {STALE_AFTER_SECONDS} s behind or the "
-                "sync loop has stopped. Needs no token."
+                f"sync loop has stopped.{replica} Needs no token."
             ),
             "operationId": "health",
             "parameters": parameters,

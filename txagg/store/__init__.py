@@ -8,6 +8,8 @@ PostgreSQL). The modules, each one responsibility:
   calls on a store, and ``UserTotals``;
 - ``schema``: the numbered migrations and ``SCHEMA_VERSION``;
 - ``ingest``: a page of records into rows and totals, within the limits, as portable SQL steps;
+- ``budget``: the shared rate budget's arithmetic (a token bucket, a 429's block), for every
+  backend;
 - ``sqlite``: the SQLite store (one file in WAL mode): opening, transactions, locks, state,
   the shared rate budget, queries;
 - ``postgres``: the PostgreSQL store (``--db postgresql://...``, the ``postgres`` extra): the

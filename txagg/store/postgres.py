@@ -61,7 +61,8 @@ from ..errors import (
     StoreUnreachable,
     SyncLocked,
 )
-from ..settings import MAX_BLOCK_SECONDS, MAX_TOTAL_CENTS, MAX_USER_TRANSACTIONS, TOKEN_MARGIN
+from ..settings import MAX_BLOCK_SECONDS, MAX_TOTAL_CENTS, MAX_USER_TRANSACTIONS
+from . import budget
 from . import ingest as steps
 from .base import StoreBackend, UserTotals
 from .ingest import IngestResult, check_user_row, in_paramstyle, ingest_page
@@ -871,23 +872,13 @@ class PostgresStore(StoreBackend):
         now = time.time() if now is None else now
         with self._write() as cursor:
             row = cursor.execute(_BUDGET_SQL + " FOR UPDATE").fetchone()
-            tokens, updated_at, blocked_until = row if row else (float(rate), now, 0.0)
-            tokens = min(float(rate), tokens + max(0.0, now - updated_at) * rate / per)
-            blocked_until = min(blocked_until, now + MAX_BLOCK_SECONDS)
-            blocked = blocked_until > now
-            if blocked:
-                wait = blocked_until - now
-            elif tokens >= 1.0 + TOKEN_MARGIN:
-                tokens -= 1.0
-                wait = 0.0
-            else:
-                wait = (1.0 + TOKEN_MARGIN - tokens) * per / rate
+            written, wait, blocked = budget.take(row, rate, per, now)
             cursor.execute(
                 "INSERT INTO rate_budget (name, tokens, updated_at, blocked_until) "
                 "VALUES ('upstream', %s, %s, %s) ON CONFLICT (name) DO UPDATE SET "
                 "tokens = excluded.tokens, updated_at = excluded.updated_at, "
                 "blocked_until = excluded.blocked_until",
-                (tokens, now, blocked_until),
+                written,
             )
             if wait == 0.0:
                 steps.bump(_Steps(cursor, self), requests=1)
@@ -909,10 +900,7 @@ class PostgresStore(StoreBackend):
     def budget(self, rate: int, per: float, now: float | None = None) -> dict[str, float]:
         now = time.time() if now is None else now
         row = self._query(_BUDGET_SQL).fetchone()
-        tokens, updated_at, blocked_until = row if row else (float(rate), now, 0.0)
-        tokens = min(float(rate), tokens + max(0.0, now - updated_at) * rate / per)
-        blocked_for = min(MAX_BLOCK_SECONDS, max(0.0, blocked_until - now))
-        return {"tokens": tokens, "blockedFor": blocked_for}
+        return budget.standing(row, rate, per, now)
 
     # ------------------------------------------------------------ queries
 

@@ -27,7 +27,8 @@ from ..errors import (
     StoreTooNew,
     SyncLocked,
 )
-from ..settings import MAX_BLOCK_SECONDS, MAX_TOTAL_CENTS, MAX_USER_TRANSACTIONS, TOKEN_MARGIN
+from ..settings import MAX_BLOCK_SECONDS, MAX_TOTAL_CENTS, MAX_USER_TRANSACTIONS
+from . import budget
 from . import ingest as steps
 from .base import (
     StoreBackend,
@@ -407,23 +408,13 @@ class Store(StoreBackend):
             row = conn.execute(
                 "SELECT tokens, updated_at, blocked_until FROM rate_budget WHERE name = 'upstream'"
             ).fetchone()
-            tokens, updated_at, blocked_until = row if row else (float(rate), now, 0.0)
-            tokens = min(float(rate), tokens + max(0.0, now - updated_at) * rate / per)
-            blocked_until = min(blocked_until, now + MAX_BLOCK_SECONDS)
-            blocked = blocked_until > now
-            if blocked:
-                wait = blocked_until - now
-            elif tokens >= 1.0 + TOKEN_MARGIN:
-                tokens -= 1.0
-                wait = 0.0
-            else:
-                wait = (1.0 + TOKEN_MARGIN - tokens) * per / rate
+            written, wait, blocked = budget.take(row, rate, per, now)
             conn.execute(
                 "INSERT INTO rate_budget (name, tokens, updated_at, blocked_until) "
                 "VALUES ('upstream', ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
                 "tokens = excluded.tokens, updated_at = excluded.updated_at, "
                 "blocked_until = excluded.blocked_until",
-                (tokens, now, blocked_until),
+                written,
             )
             if wait == 0.0:
                 steps.bump(conn, requests=1)
@@ -449,10 +440,7 @@ class Store(StoreBackend):
         row = self.conn.execute(
             "SELECT tokens, updated_at, blocked_until FROM rate_budget WHERE name = 'upstream'"
         ).fetchone()
-        tokens, updated_at, blocked_until = row if row else (float(rate), now, 0.0)
-        tokens = min(float(rate), tokens + max(0.0, now - updated_at) * rate / per)
-        blocked_for = min(MAX_BLOCK_SECONDS, max(0.0, blocked_until - now))
-        return {"tokens": tokens, "blockedFor": blocked_for}
+        return budget.standing(row, rate, per, now)
 
     # ------------------------------------------------------------ queries
 
