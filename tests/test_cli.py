@@ -1,6 +1,8 @@
 """The command line through typer's CliRunner: exit codes, messages, JSON shapes."""
 
 import json
+import subprocess
+import sys
 from decimal import Decimal
 
 import pytest
@@ -207,3 +209,25 @@ def test_read_commands_leave_a_store_as_they_found_it(filled):
         assert result.returncode == 0, (args, result.stderr)
         assert filled.read_bytes() == before, args
         assert sorted(p.name for p in filled.parent.iterdir()) == [filled.name], args
+
+
+def test_the_report_fast_path_loads_only_what_a_lookup_needs(tmp_path):
+    """``report USER --json`` in a shell loop: no module of sync, binding, the CLI, PostgreSQL or
+    the servers, however the modules it does load grow (a top-level import costs every call)."""
+    Store.open(tmp_path / "s.db").close()
+    code = (
+        "import atexit, json, runpy, sys\n"
+        "atexit.register(lambda: print(json.dumps(sorted(sys.modules)), file=sys.stderr))\n"
+        f"sys.argv = ['txagg', 'report', '000001', '--json', '--db', {str(tmp_path / 's.db')!r}]\n"
+        "runpy.run_module('txagg', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1 and "nothing synced yet" in result.stderr
+    loaded = set(json.loads(result.stderr.strip().splitlines()[-1]))
+    needed = {"txagg", "txagg.errors", "txagg.models", "txagg.report", "txagg.settings"}
+    needed |= {"txagg.store"} | {f"txagg.store.{name}" for name in STORE_MODULES}
+    assert {name for name in loaded if name.startswith("txagg")} <= needed
+    assert not {"typer", "rich", "httpx", "pydantic", "psycopg", "tenacity"} & loaded
+
+
+STORE_MODULES = ("base", "budget", "ingest", "schema", "sqlite")

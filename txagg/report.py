@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation, localcontext
 
-from .binding import bound_upstream, budget_for
 from .errors import NothingSynced, Unhealthy, UnknownUser  # noqa: F401 (re-exported)
 from .models import cents_to_decimal, format_instant, format_timestamp
 from .settings import (  # noqa: F401 (DEFAULT_EUR_PER_SCR, STALE_AFTER_SECONDS re-exported)
@@ -113,6 +112,9 @@ def status_report(
 ) -> dict:
     """Where sync stands: the upstream, position, lag, counts, quarantine, conflicts and the
     rate budget (``rate`` / ``per`` when given, else the one the store was synced with)."""
+    # Here, not at the top: ``report USER --json``'s fast path imports this module.
+    from .binding import bound_upstream, budget_for
+
     now = time.time() if now is None else now
     rate, per = budget_for(store, rate, per)
     state = store.state()
