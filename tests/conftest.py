@@ -38,6 +38,17 @@ def store(db_path: Path):
         yield opened
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def either_store(request, tmp_path: Path):
+    """A fresh store on each backend in turn: a SQLite file, then a PostgreSQL schema. Test
+    modules whose contract holds on both use it as their ``store``."""
+    location = (
+        tmp_path / "store.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    )
+    with Store.open(location) as opened:
+        yield opened
+
+
 @pytest.fixture
 def start_mock():
     """Start real mock upstreams (HTTP on loopback, in a thread); all stopped at teardown."""

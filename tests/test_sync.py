@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from conftest import START, peek, txagg_command, wait_for
 
 from txagg.models import loads
@@ -21,6 +22,12 @@ UNLIMITED = dict(rate_limit=100_000, per=1)
 
 
 options = sync_options
+
+
+@pytest.fixture
+def store(either_store):
+    """This module's contract, on both backends."""
+    return either_store
 
 
 def assert_exact(store: Store, url: str) -> None:

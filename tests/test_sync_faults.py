@@ -19,6 +19,12 @@ options = sync_options
 paged = paged_answer
 
 
+@pytest.fixture
+def store(either_store):
+    """This module's contract, on both backends."""
+    return either_store
+
+
 def test_429_retry_after_is_honoured_and_blocks_the_store(scripted, store):
     items = [record(n) for n in range(3)]
     server = scripted([(429, {"Retry-After": "1"}, b"{}"), paged(items)])

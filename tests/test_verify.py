@@ -19,6 +19,12 @@ from txagg.verify import NothingSynced, verify
 BASE_S = 1_700_000_000
 
 
+@pytest.fixture
+def store(either_store):
+    """This module's contract, on both backends."""
+    return either_store
+
+
 def make_items(count: int, every_ms: int = 3_700, first: int = 0):
     return [
         (f"tx{n}", BASE_S * 1000 + n * every_ms, BASE_S + n * every_ms / 1000)
