@@ -83,7 +83,7 @@ def traffic(args, seed: int) -> tuple[list[tuple[int, str, float]], dict[str, fl
     return items, late
 
 
-def follow(args, seed: int) -> tuple[list[float], list[float], dict]:
+def follow(args, seed: int) -> tuple[dict[str, float], list[float], dict]:
     items, late = traffic(args, seed)
     clock = FakeClock(T0)
     upstream = Upstream(items, clock)
@@ -94,13 +94,14 @@ def follow(args, seed: int) -> tuple[list[float], list[float], dict]:
     with tempfile.TemporaryDirectory() as scratch, Store.open(Path(scratch) / "s.db") as store:
 
         def sleep(seconds: float) -> None:
-            clock.now += seconds
+            # Everything since the last sleep happened at clock.now: look before time moves on.
             waiting = [tx for tx in late if tx not in found and late[tx] <= clock.now]
             if waiting:
                 marks = ",".join("?" * len(waiting))
                 query = f"SELECT id FROM transactions WHERE id IN ({marks})"
                 for (tx_id,) in store.conn.execute(query, waiting):
                     found[tx_id] = clock.now - late[tx_id]
+            clock.now += seconds
             if clock.now > end:
                 stop.set()
 
@@ -127,7 +128,7 @@ def follow(args, seed: int) -> tuple[list[float], list[float], dict]:
         "check_requests": summary.check_requests,
         "minutes": (end - T0) / 60,
     }
-    return list(found.values()), lags, costs
+    return found, lags, costs
 
 
 def main() -> None:
@@ -146,7 +147,7 @@ def main() -> None:
     took, lags, totals = [], [], {}
     for seed in range(1, args.seeds + 1):
         found, lag, costs = follow(args, seed)
-        took += found
+        took += found.values()
         lags += lag
         for key, value in costs.items():
             totals[key] = totals.get(key, 0) + value
