@@ -112,7 +112,7 @@ def test_a_check_looks_at_what_is_read_of_a_window_still_being_paged(tmp_path):
     with Store.open(tmp_path / "s.db") as store:
         syncer(store, upstream, clock, max_requests=3).run()
         state = store.state()  # three full pages of one window: the cursor is on page 4 of it
-        assert state["page"] == 4 and state["as_of"] > state["window_start"]
+        assert state["page"] == 4 and state["position"] == state["window_start"]
         clock.now = BASE_S + 102
         syncer(store, upstream, clock).check()
         assert "tx1000" in stored_ids(store)
@@ -174,74 +174,3 @@ def test_a_check_of_a_window_the_store_holds_nothing_of_asks_for_page_1(tmp_path
         sync.check()
         assert [query["page"] for query in upstream.queries] == ["1"]
         assert stored_ids(store) == {"tx1"}
-
-
-# ------------------------------------------------------------------ the open window
-
-
-def test_a_poll_sees_a_late_arrival_before_its_page_and_the_check_finds_it(tmp_path):
-    """The window stays open about the overlap behind the read: a record inserted before the
-    page a poll asks for pushes the page along, the poll repeats more known records than the
-    page held, and a check is due at once; the search then stores the record."""
-    clock = FakeClock(BASE_S + 62)
-    items = [(f"tx{n}", (BASE_S + n // 2) * 1000 + n % 2, BASE_S + n // 2) for n in range(200)]
-    late = ("tx1000", (BASE_S + 40) * 1000 + 300, BASE_S + 64)
-    upstream = Recorded(items + [late], clock, True, True)
-    with Store.open(tmp_path / "s.db") as store:
-        sync = syncer(store, upstream, clock, overlap=30, check_every=None)
-        sync.run()  # reads up to BASE + 60: the window moved up to stay 30 s behind
-        state = store.state()
-        assert BASE_S * 1000 < state["window_start"] <= (BASE_S + 30) * 1000
-        assert state["page_held"] < PAGE and not sync.late_seen
-        assert state["window_start"] <= late[1]  # the late one lands inside the window
-        clock.now = BASE_S + 66
-        sync.run()
-        assert sync.late_seen and late[0] not in stored_ids(store)
-        sync.options = options(overlap=30, check_every=120)
-        store.put_state(last_check_ms=int(clock.now * 1000) - 13_000)
-        assert sync._check_due()  # long before check_every: the poll's sign is enough
-        sync.check()
-        assert late[0] in stored_ids(store) and not sync.late_seen
-
-
-@pytest.mark.parametrize("change", ["page_size", "api_url"])
-def test_another_listing_starts_a_new_window_where_all_is_read(tmp_path, change):
-    """Page numbers count one upstream's listing in pages of one size: a run with another page
-    size, or against another upstream (a rebind), starts a new window at asOf instead of
-    asking for page k of a listing it never read."""
-    clock = FakeClock(BASE_S + 40)
-    items = [(f"tx{n}", (BASE_S + n) * 1000, BASE_S + n) for n in range(35)]
-    upstream = Recorded(items, clock, True, True)
-    with Store.open(tmp_path / "s.db") as store:
-        syncer(store, upstream, clock).run()
-        state = store.state()
-        assert (state["page"], state["page_held"]) == (4, 5)
-        other = {"page_size": 7} if change == "page_size" else {"api_url": "http://other.test"}
-        clock.now = BASE_S + 50
-        upstream.queries.clear()
-        syncer(store, upstream, clock, check_every=None, **other).run()
-        first = upstream.queries[0]
-        assert (first["page"], first["startDate"]) == ("1", "2023-11-14 22:13:58")
-        assert store.state()["window_start"] == state["as_of"]
-
-
-def test_a_search_takes_the_next_polls_token_only_while_reading_leaves_budget_over(tmp_path):
-    """Following, a search goes before the next poll (it may take that poll's token) while
-    the store is fresh and reading needs at most BORROW_UP_TO_LOAD of the budget; at a higher
-    load it uses only tokens the poll does not need, so reading stays fresh."""
-    clock = FakeClock(BASE_S + 100)
-    with Store.open(tmp_path / "s.db") as store:
-        upstream = Recorded([], clock, True, True)
-        sync = syncer(store, upstream, clock, rate_limit=5, per=60, page_size=1000)
-        sync.following = True
-        store.put_state(as_of=(BASE_S + 90) * 1000)  # 10 s behind: fresh
-        for _ in range(4):  # four of the five taken: the next poll's token is about all
-            assert store.take_token(5, 60, clock.now) == (0.0, False)
-        assert -1 <= sync._spare_tokens() < 0
-        sync.arrivals.per_second = 0.5 * 5000 / 60  # 50% of the ceiling
-        assert sync._spare_and_fresh()
-        sync.arrivals.per_second = 0.8 * 5000 / 60  # 80%
-        assert not sync._spare_and_fresh()
-        store.put_state(as_of=(BASE_S + 30) * 1000)  # 70 s behind: reading first
-        sync.arrivals.per_second = 0.2 * 5000 / 60
-        assert not sync._spare_and_fresh()
