@@ -127,18 +127,27 @@ def main() -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        lags, late = sample_lag(db, follower, live_seconds + overlap + 2 * interval, s, mock.url)
+        lags, late, times = sample_lag(
+            db, follower, live_seconds + overlap + 2 * interval, s, mock.url
+        )
         follower.send_signal(signal.SIGTERM)
         out, err = follower.communicate(timeout=60)
         summary = json.loads(out)
-        print_follow_figures(args, lags, summary, overlap, interval)
+        caught_up = print_follow_figures(args, lags, summary, overlap, interval)
         if args.late_per_minute:
-            found = [seconds for seconds in late.values() if seconds is not None]
+            found = [took for took, _visible in late.values() if took is not None]
             print(
                 f"late arrivals, visible to stored (simulated s): {lag_figures(found)}, "
                 f"{len(late) - len(found)} of {len(late)} not stored by the end of following",
                 flush=True,
             )
+            # Those that became visible once the store had caught up (not queued behind the
+            # backfill): what following at this load gives.
+            since = times[caught_up] if caught_up < len(times) else float("inf")
+            after = [
+                took for took, visible in late.values() if took is not None and visible >= since
+            ]
+            print(f"  of them visible after the first catch-up: {lag_figures(after)}", flush=True)
         began = time.monotonic()
         final = run_json(
             "sync", "--api-url", mock.url, "--db", db, "--check-every", "0", *sync_args
@@ -171,7 +180,9 @@ def main() -> None:
     print(f"exact against the ground truth: {'yes' if exact else 'NO: ' + ', '.join(wrong[:5])}")
 
 
-def print_follow_figures(args, lags, summary, overlap, interval) -> None:
+def print_follow_figures(args, lags, summary, overlap, interval) -> int:
+    """Prints the lag and the run's costs; returns the index of the first lag sample after the
+    first catch-up."""
     s = args.scale
     elapsed = args.minutes * 60 + (overlap + 2 * interval) * s
     budget = 5 + elapsed / 12
@@ -192,6 +203,7 @@ def print_follow_figures(args, lags, summary, overlap, interval) -> None:
         f"= {per_1000:.0f} per 1000 requests, {summary['repairs']} windows re-read",
         flush=True,
     )
+    return caught_up
 
 
 def lag_figures(lags: list[float]) -> str:
@@ -205,11 +217,13 @@ def lag_figures(lags: list[float]) -> str:
 
 def sample_lag(
     db: str, follower: subprocess.Popen, seconds: float, scale: float, url: str
-) -> tuple[list[float], dict[str, float | None]]:
-    """Lag (simulated seconds) sampled every half second of real time; and for each late
-    arrival the mock reports, the simulated seconds from it becoming visible to being stored
-    (None while not stored)."""
+) -> tuple[list[float], dict[str, tuple[float | None, float]], list[float]]:
+    """Lag (simulated seconds) sampled every half second of real time, with when each sample
+    was taken (real time); and for each late arrival the mock reports, the simulated seconds
+    from it becoming visible to being stored (None while not stored) and when it became
+    visible (real time)."""
     lags: list[float] = []
+    times: list[float] = []
     late: dict[str, float | None] = {}
     visible_at: dict[str, float] = {}
     end = time.monotonic() + seconds
@@ -230,9 +244,10 @@ def sample_lag(
             continue
         if as_of is not None:
             lags.append(max(0.0, time.time() - as_of / 1000) * scale)
+            times.append(time.time())
     if follower.poll() is not None:
         raise SystemExit(f"sync --follow died: {follower.stderr.read()}")
-    return lags, late
+    return lags, {tx_id: (took, visible_at[tx_id]) for tx_id, took in late.items()}, times
 
 
 def stored_ids(store: Store, ids: list[str]) -> list[str]:

@@ -12,8 +12,9 @@ import httpx
 import pytest
 from conftest import FakeClock, FakeUpstream
 
+from txagg.settings import LOAD_WINDOW_MS, POLL_FILL_MARGIN
 from txagg.store import Store
-from txagg.sync import Syncer, SyncOptions
+from txagg.sync import ArrivalRate, Syncer, SyncOptions
 
 BASE_S = 1_700_000_000
 PAGE = 10
@@ -112,7 +113,7 @@ def test_a_check_looks_at_what_is_read_of_a_window_still_being_paged(tmp_path):
     with Store.open(tmp_path / "s.db") as store:
         syncer(store, upstream, clock, max_requests=3).run()
         state = store.state()  # three full pages of one window: the cursor is on page 4 of it
-        assert state["page"] == 4 and state["position"] == state["window_start"]
+        assert state["page"] == 4 and state["as_of"] > state["window_start"]
         clock.now = BASE_S + 102
         syncer(store, upstream, clock).check()
         assert "tx1000" in stored_ids(store)
@@ -174,3 +175,147 @@ def test_a_check_of_a_window_the_store_holds_nothing_of_asks_for_page_1(tmp_path
         sync.check()
         assert [query["page"] for query in upstream.queries] == ["1"]
         assert stored_ids(store) == {"tx1"}
+
+
+# ------------------------------------------------------------------ the open window
+
+
+def test_a_poll_sees_a_late_arrival_before_its_page_and_the_check_finds_it(tmp_path):
+    """The window stays open about the overlap behind the read: a record inserted before the
+    page a poll asks for pushes the page along, the poll repeats more known records than the
+    page held, and a check is due at once; the search then stores the record."""
+    clock = FakeClock(BASE_S + 62)
+    items = [(f"tx{n}", (BASE_S + n // 2) * 1000 + n % 2, BASE_S + n // 2) for n in range(200)]
+    late = ("tx1000", (BASE_S + 40) * 1000 + 300, BASE_S + 64)
+    upstream = Recorded(items + [late], clock, True, True)
+    with Store.open(tmp_path / "s.db") as store:
+        sync = syncer(store, upstream, clock, overlap=30, check_every=None)
+        sync.run()  # reads up to BASE + 60: the window moved up to stay 30 s behind
+        state = store.state()
+        assert BASE_S * 1000 < state["window_start"] <= (BASE_S + 30) * 1000
+        assert state["page_held"] < PAGE and not sync.late_seen
+        assert state["window_start"] <= late[1]  # the late one lands inside the window
+        clock.now = BASE_S + 66
+        sync.run()
+        assert sync.late_seen and late[0] not in stored_ids(store)
+        sync.options = options(overlap=30, check_every=120)
+        store.put_state(last_check_ms=int(clock.now * 1000) - 13_000)
+        assert sync._check_due()  # long before check_every: the poll's sign is enough
+        sync.check()
+        assert late[0] in stored_ids(store) and not sync.late_seen
+
+
+@pytest.mark.parametrize("change", ["page_size", "api_url"])
+def test_another_listing_starts_a_new_window_where_all_is_read(tmp_path, change):
+    """Page numbers count one upstream's listing in pages of one size: a run with another page
+    size, or against another upstream (a rebind), starts a new window at asOf instead of
+    asking for page k of a listing it never read."""
+    clock = FakeClock(BASE_S + 40)
+    items = [(f"tx{n}", (BASE_S + n) * 1000, BASE_S + n) for n in range(35)]
+    upstream = Recorded(items, clock, True, True)
+    with Store.open(tmp_path / "s.db") as store:
+        syncer(store, upstream, clock).run()
+        state = store.state()
+        assert (state["page"], state["page_held"]) == (4, 5)
+        other = {"page_size": 7} if change == "page_size" else {"api_url": "http://other.test"}
+        clock.now = BASE_S + 50
+        upstream.queries.clear()
+        syncer(store, upstream, clock, check_every=None, **other).run()
+        first = upstream.queries[0]
+        assert (first["page"], first["startDate"]) == ("1", "2023-11-14 22:13:58")
+        assert store.state()["window_start"] == state["as_of"]
+
+
+def test_a_search_takes_the_next_polls_token_only_while_reading_leaves_budget_over(tmp_path):
+    """Following, a search goes before the next poll (it may take that poll's token) while
+    the store is fresh and reading needs at most BORROW_UP_TO_LOAD of the budget; at a higher
+    load it uses only tokens the poll does not need, so reading stays fresh."""
+    clock = FakeClock(BASE_S + 100)
+    with Store.open(tmp_path / "s.db") as store:
+        upstream = Recorded([], clock, True, True)
+        sync = syncer(store, upstream, clock, rate_limit=5, per=60, page_size=1000)
+        sync.following = True
+        store.put_state(as_of=(BASE_S + 90) * 1000)  # 10 s behind: fresh
+        for _ in range(4):  # four of the five taken: the next poll's token is about all
+            assert store.take_token(5, 60, clock.now) == (0.0, False)
+        assert -1 <= sync._spare_tokens() < 0
+        sync.arrivals.steady = 0.5 * 5000 / 60  # 50% of the ceiling
+        assert sync._spare_and_fresh()
+        sync.arrivals.steady = 0.8 * 5000 / 60  # 80%
+        assert not sync._spare_and_fresh()
+        store.put_state(as_of=(BASE_S + 30) * 1000)  # 70 s behind: reading first
+        sync.arrivals.steady = 0.2 * 5000 / 60
+        assert not sync._spare_and_fresh()
+
+
+@pytest.mark.parametrize("load", [0.5, 0.8])
+def test_following_at_a_heavy_load_a_short_page_closes_the_window(tmp_path, load):
+    """At a light load a short page is asked for again next time (the window stays open
+    behind the read); following at a heavy load it closes the window as a page of new records
+    only would: the next poll asks for page 1 from where everything is read."""
+    clock = FakeClock(BASE_S + 40)
+    items = [(f"tx{n}", (BASE_S + n) * 1000, BASE_S + n) for n in range(35)]
+    upstream = Recorded(items, clock, True, True)
+    with Store.open(tmp_path / "s.db") as store:
+        sync = syncer(store, upstream, clock, check_every=None, rate_limit=5, per=60)
+        sync.following = True
+        sync.arrivals.steady = load * 5 * PAGE / 60  # pages a minute: that share of the budget
+        sync.run()
+        state = store.state()
+        end = (BASE_S + 38) * 1000
+        assert state["as_of"] == end
+        if load == 0.5:
+            assert (state["page"], state["page_held"]) == (4, 5) and sync.page_filled == 5
+            assert state["window_start"] < end
+        else:
+            assert (state["window_start"], state["page"], state["page_held"]) == (end, 1, 0)
+            assert sync.page_filled == 0
+        clock.now = BASE_S + 50
+        upstream.queries.clear()
+        sync.run()
+        asked = upstream.queries[0]
+        assert asked["page"] == ("4" if load == 0.5 else "1")
+        assert stored_ids(store) == {tx_id for tx_id, _, _ in items}
+
+
+def test_the_load_is_judged_over_minutes_not_by_one_poll():
+    """ArrivalRate: ``per_second`` (pacing) follows the last polls; ``steady`` (the load that
+    decides the window and what a search may borrow) is over LOAD_WINDOW_MS, so one poll that
+    found little, or a backlog, does not flip it."""
+    rate = ArrivalRate()
+    heavy = 0.8 * 5000 / 60
+    now = 0.0
+    rate.observe(0, now)
+    for _ in range(40):  # 10 minutes at 80%, a poll every 15 s
+        now += 15
+        rate.observe(round(heavy * 15), now)
+    assert rate.steady == pytest.approx(heavy, rel=0.01)
+    now += 15
+    rate.observe(0, now)  # a poll that found nothing
+    assert rate.per_second < 0.6 * heavy
+    assert rate.steady > 0.9 * heavy
+    for _ in range(int(LOAD_WINDOW_MS / 1000 / 15) + 1):  # then a window's worth at 20%
+        now += 15
+        rate.observe(round(heavy / 4 * 15), now)
+    assert rate.steady == pytest.approx(heavy / 4, rel=0.01)
+
+
+@pytest.mark.parametrize("load", [0.2, 0.8])
+def test_at_a_light_load_a_poll_waits_for_the_page_it_stands_on_to_fill(tmp_path, load):
+    """Following, a poll comes when about a page has arrived; at a light load the page the
+    cursor stands on may hold records already (a short page asked for again, or what a
+    deferred full page left), so it comes when that page is full, plus POLL_FILL_MARGIN."""
+    clock = FakeClock(BASE_S)
+    with Store.open(tmp_path / "s.db") as store:
+        sync = syncer(store, Recorded([], clock, True, True), clock, rate_limit=5, per=60)
+        sync.following = True
+        sync.options = options(rate_limit=5, per=60, page_size=1000, interval=60)
+        per_second = sync.arrivals.steady = load * 5000 / 60
+        sync.page_filled = 700
+        if load == 0.2:
+            missing = 1000 - 700 + POLL_FILL_MARGIN * 1000
+        else:  # the window closes at each short page: a whole page of new records
+            missing = 1000
+        assert sync._next_poll_in(per_second) == pytest.approx(max(12, missing / per_second))
+        sync.page_filled = 990  # never sooner than the budget gives a token
+        assert sync._next_poll_in(per_second) >= 12

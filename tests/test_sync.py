@@ -42,9 +42,12 @@ def test_backfill_reads_full_pages_only(start_mock, store):
     url = start_mock(seed=2, users=300, history=25_000, start=START, **UNLIMITED)
     summary = sync(store, options(url))
     assert summary.new == 25_000
-    # 25 full pages, the empty page that ends the window, one count that checks all of it
-    # (it comes with the window's middle page, already stored: 1000 duplicates)
-    assert (summary.requests, summary.pages, summary.duplicates) == (27, 26, 1000)
+    # 25 full pages, the empty page that ends the read, one count that checks all of it (it
+    # comes with the window's middle page, already stored: 1000 duplicates). As the window's
+    # start moves up behind the read, the records of the second it moves to come back once.
+    assert (summary.requests, summary.pages) == (27, 26)
+    moves = summary.duplicates - 1000
+    assert 0 <= moves <= 25 * 2
     assert (summary.checks, summary.repairs) == (1, 0)
     assert_exact(store, url)
 

@@ -96,7 +96,9 @@ def test_meta_never_ends_a_window_pages_do(scripted, store):
     summary = sync(store, options(server.url, page_size=10))
     assert summary.new == 25
     assert [q["page"] for q in server.requests] == ["1", "2", "3"]
-    assert store.state_value("page") == 1  # the short third page ended the window
+    # The short third page ended the read: everything up to the run's end is read, and the
+    # next run asks for page 3 again (its 5 records come back first).
+    assert (store.state_value("page"), store.state_value("page_held")) == (3, 5)
 
 
 def test_a_full_last_page_is_followed_by_an_empty_one(scripted, store):
@@ -133,35 +135,62 @@ def test_max_requests_bounds_a_run_and_the_next_run_resumes(scripted, store):
     assert server.requests[2]["page"] == "3"  # resumed where the first run stopped
 
 
-def test_late_arrivals_inside_the_overlap_are_found_and_repaired(scripted, store):
-    # A fake clock and an upstream that answers each window with what it holds: the second run
-    # reads on from the first one's position and finds nothing new there, so only its check
-    # can find the late ones, whatever the wall clock does between the runs.
-    clock = FakeClock(START // 1000 + 100)
-    timed = dict(clock=clock, sleep=clock.sleep)
-    early = [record(n, at_s=n) for n in range(0, 40, 2)]
-    shown = list(early)
+def late_upstream(scripted):
+    """An upstream that answers each window with what it holds (``shown``, a list to add to):
+    20 records, one every 2 seconds from START."""
+    shown = [record(n, at_s=n) for n in range(0, 40, 2)]
 
     def answer(query):
         low, high = parse_time(query["startDate"]), parse_time(query["endDate"])
         inside = [item for item in shown if low <= parse_time(item["createdAt"]) <= high]
+        inside.sort(key=lambda item: item["createdAt"])  # listed in createdAt order
         limit, number = int(query["limit"]), int(query["page"])
         return page(inside[(number - 1) * limit : number * limit], len(inside))
 
     server = scripted([answer])
+    server.shown = shown
+    return server
+
+
+def test_late_arrivals_in_the_open_window_come_with_the_next_poll(scripted, store):
+    # A fake clock, so whatever the wall clock does between the runs the second one reads on
+    # from where the first stopped: the last (short) page of the window, asked for again.
+    clock = FakeClock(START // 1000 + 100)
+    timed = dict(clock=clock, sleep=clock.sleep)
+    server = late_upstream(scripted)
     sync(store, options(server.url), **timed)
+    assert (store.state_value("page"), store.state_value("page_held")) == (1, 20)
     # createdAt before the position: they show up only after the first run read past them
-    shown += [record(n, at_s=n) for n in range(1, 40, 2)]
+    server.shown += [record(n, at_s=n) for n in range(1, 40, 2)]
     clock.sleep(30)
     server.requests.clear()
     summary = sync(store, options(server.url, check_every=0, overlap=3600), **timed)
-    assert summary.new == 20 and summary.pages == 1  # the main read's page
-    # The check's count comes with the window's (only) page: the late ones are on it.
-    assert summary.checks == 1 and summary.check_requests == 1
-    assert summary.requests == 2 and len(server.requests) == 2
+    # The poll's page brings them with the 20 it held: no search, the check finds all there.
+    assert (summary.new, summary.duplicates, summary.pages) == (20, 20 + 40, 1)
+    assert summary.checks == 1 and summary.check_requests == 1 and summary.requests == 2
     assert store.user_totals("000001").tx_count == 40
-    assert store.state_value("last_check")["stored"] == 20
-    assert store.state_value("last_check")["repairedTo"] == 40
+    assert store.state_value("last_check")["stored"] == 40
+
+
+def test_late_arrivals_before_the_window_are_found_and_repaired(scripted, store):
+    # Pages of 5 and a 5-second overlap: the window's start moves up behind the read, to 29 s,
+    # so late arrivals before it are the check's to find.
+    clock = FakeClock(START // 1000 + 100)
+    timed = dict(clock=clock, sleep=clock.sleep)
+    server = late_upstream(scripted)
+    sync(store, options(server.url, page_size=5, overlap=5, check_every=None), **timed)
+    assert store.state_value("window_start") == START + 29_000
+    server.shown += [record(n, at_s=n) for n in range(1, 40, 2)]
+    clock.sleep(30)
+    server.requests.clear()
+    summary = sync(store, options(server.url, page_size=5, check_every=0, overlap=3600), **timed)
+    check = store.state_value("last_check")
+    assert store.user_totals("000001").tx_count == 40
+    # The poll read on at page 2 of the window (29 s on): it brought the three dated past
+    # where it stood (35-39 s) and repeated records pushed along by those before it. The
+    # check's count and its search found the other seventeen.
+    assert summary.new == 20 and check["stored"] == 23 and check["repairedTo"] == 40
+    assert summary.checks == 1 and summary.check_requests > 1 and summary.discrepancies == 0
 
 
 def test_a_lying_count_is_recorded_not_chased_forever(scripted, store):

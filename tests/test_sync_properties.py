@@ -25,6 +25,29 @@ OVERLAP_S = 60
 SETTLE_S = 2
 
 
+def run_once(path, transport, clock, keeps_open: bool | None = None, **extra) -> dict:
+    """One sync run on the store at ``path`` (from BASE - 10 s, no rate limit to speak of);
+    returns the sync state it leaves. ``keeps_open`` False: a short page closes the window, as
+    following at a heavy load does."""
+    options = SyncOptions(
+        api_url="http://upstream.test",
+        since=BASE_S * 1000 - 10_000,
+        settle=SETTLE_S,
+        rate_limit=1000,
+        per=1,
+        **extra,
+    )
+    with Store.open(path) as store:
+        syncer = Syncer(store, options, transport=transport, clock=clock, sleep=clock.sleep)
+        if keeps_open is not None:
+            syncer._keeps_window_open = lambda: keeps_open
+        try:
+            syncer.run()
+        finally:
+            syncer.close()
+        return store.state()
+
+
 arrivals = st.lists(
     st.tuples(
         st.integers(0, 600),  # createdAt, seconds after BASE
@@ -68,24 +91,16 @@ def test_the_store_ends_equal_to_the_upstream(
     path = tmp_path_factory.mktemp("prop") / "store.db"
 
     def run(max_requests=None):
-        options = SyncOptions(
-            api_url="http://upstream.test",
-            since=BASE_S * 1000 - 10_000,
-            settle=SETTLE_S,
+        run_once(
+            path,
+            transport,
+            clock,
             overlap=OVERLAP_S,
             check_every=0,
             page_size=page_size,
-            rate_limit=1000,
-            per=1,
             max_requests=max_requests,
             max_repair_requests=200,
         )
-        with Store.open(path) as store:
-            syncer = Syncer(store, options, transport=transport, clock=clock, sleep=clock.sleep)
-            try:
-                syncer.run()
-            finally:
-                syncer.close()
 
     for at, max_requests in sorted(runs, key=lambda r: r[0]):
         clock.now = max(clock.now, BASE_S + at)
@@ -114,3 +129,72 @@ def test_the_fake_upstream_is_honest():
     )
     body = json.loads(upstream.handle(request).content)
     assert body["meta"]["totalItems"] == 1 and body["items"][0]["id"] == "tx1"
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    # Dense: many records share a second (and some a millisecond) across page edges.
+    arrivals=st.lists(
+        st.tuples(st.integers(0, 90), st.sampled_from([0, 0, 1, 500, 999])),
+        min_size=1,
+        max_size=150,
+    ),
+    runs=st.lists(
+        st.tuples(
+            st.integers(0, 100),
+            st.one_of(st.none(), st.integers(1, 4)),
+            st.booleans(),  # whether a short page keeps the window open (the load may change)
+        ),
+        max_size=12,
+    ),
+    inclusive_start=st.booleans(),
+    inclusive_end=st.booleans(),
+    page_size=st.sampled_from([2, 3, 10]),
+)
+def test_polls_alone_read_everything_as_the_window_start_moves_up(
+    tmp_path_factory, arrivals, runs, inclusive_start, inclusive_end, page_size
+):
+    """No late arrivals and no checks: the polls alone must read every record, however the
+    open window's start moves up behind them (to the second before a page read at least the
+    overlap back, pages renumbered) or closes at a short page (following at a heavy load),
+    with records sharing a second or a millisecond across page edges, either boundary rule,
+    and runs cut off after any number of requests."""
+    items = [
+        (f"tx{n}", (BASE_S + second) * 1000 + millis, BASE_S + second + millis / 1000)
+        for n, (second, millis) in enumerate(arrivals)
+    ]
+    clock = FakeClock(BASE_S)
+    upstream = FakeUpstream(items, clock, inclusive_start, inclusive_end, set())
+    transport = httpx.MockTransport(upstream.handle)
+    path = tmp_path_factory.mktemp("polls") / "store.db"
+    since = BASE_S * 1000 - 10_000
+    starts = []
+
+    def run(max_requests=None, keeps_open=True):
+        state = run_once(
+            path,
+            transport,
+            clock,
+            keeps_open,
+            overlap=5,
+            check_every=None,
+            page_size=page_size,
+            max_requests=max_requests,
+        )
+        starts.append(state["window_start"])
+
+    for at, max_requests, keeps_open in sorted(runs, key=lambda r: r[0]):
+        clock.now = max(clock.now, BASE_S + at)
+        run(max_requests, keeps_open)
+    clock.now = max(clock.now, BASE_S + 100)
+    run()
+    with Store.open(path) as store:
+        stored = {row[0] for row in store.conn.execute("SELECT id FROM transactions")}
+        assert stored == {tx_id for tx_id, _, _ in items}
+        assert store.state_value("last_check") is None  # no check helped
+    # Pages enough, over seconds enough: the start must have moved up.
+    spread = len({second for second, _ in arrivals})
+    if spread >= 6 * page_size and len(arrivals) >= 6 * page_size:
+        assert max(starts) > since

@@ -201,8 +201,9 @@ def guarded_options(url: str, **extra) -> SyncOptions:
 
 
 def killed_first_sync(store, scripted) -> object:
-    """The state a first sync leaves when it is stopped after its first (full) page: a cursor
-    at page 2 of the first window, the position still at its start, records after it."""
+    """A first sync stopped after its first (full) page, in a store an earlier txagg wrote: a
+    cursor at page 2 of the first window, and the position left at the window's start (where
+    that version kept it until the window ended), before every stored record."""
     items = [record(n, at_s=100 + n) for n in range(25)]
     server = guarded_upstream(scripted, items)
     clock = FakeClock(START / 1000 + LATER_S)
@@ -210,6 +211,9 @@ def killed_first_sync(store, scripted) -> object:
         store, guarded_options(server.url, max_requests=1), clock=clock, sleep=clock.sleep
     )
     assert not summary.complete and store.state_value("page") == 2
+    # Today the position is what the first page read up to: its latest whole second.
+    assert store.state_value("position") == stored_range(store)[1] // 1000 * 1000
+    store.put_state(position=store.state_value("window_start"))
     assert store.state_value("position") < stored_range(store)[0]
     return server
 

@@ -314,3 +314,17 @@ def dumps(value: object) -> str:
     if isinstance(value, float):
         raise TypeError("binary floats are not allowed in txagg output; use Decimal")
     return json.dumps(value)
+
+
+def dates_inside(items: list, start: int, end: int) -> list[int]:
+    """The createdAt (ms) of each record of a page dated inside [start, end] (records with an
+    unusable date, or none, and those from outside the window are left out)."""
+    dates = []
+    for item in items:
+        try:
+            moment = parse_created_at(item.get("createdAt") if isinstance(item, dict) else None)
+        except InvalidRecord:
+            continue
+        if moment is not None and start <= moment <= end:
+            dates.append(moment)
+    return dates

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 
 from .errors import InvalidRecord
-from .models import format_instant, parse_created_at, raw_text
+from .models import dates_inside, format_instant, parse_created_at, raw_text
 from .options import SyncSummary
 from .settings import LATE_AGES_NEEDED, MAX_DISCREPANCIES, REREAD_WAIT_TOKENS
 from .store import Store
@@ -263,7 +263,7 @@ class Reconciler:
             self.summary.repairs += 1
             self._judge(start, end, real, *_keys_inside(answer.items, start, end))
             return []
-        dated = sorted(_dates_inside(answer.items, start, end))
+        dated = sorted(dates_inside(answer.items, start, end))
         if not dated:
             return [[start, end, real, COUNT]]
         first, last = dated[0], dated[-1]
@@ -366,19 +366,6 @@ def _mixed_median(ranks: list[int], records: int) -> int:
             return int(max(r, previous))
         previous = at
     return previous
-
-
-def _dates_inside(items: list, start: int, end: int) -> list[int]:
-    """The createdAt (ms) of each record of a page dated inside [start, end]."""
-    dates = []
-    for item in items:
-        try:
-            moment = parse_created_at(item.get("createdAt") if isinstance(item, dict) else None)
-        except InvalidRecord:
-            continue
-        if moment is not None and start <= moment <= end:
-            dates.append(moment)
-    return dates
 
 
 def _keys_inside(items: list, start: int, end: int) -> tuple[set[str], set[str]]:

@@ -37,6 +37,17 @@ MAX_UNRELIABLE_BACKOFF = 3600.0  # seconds: the longest pause in chasing counts 
 LATE_AGES_KEPT = 32  # how far behind the newest read the last late arrivals were found ...
 LATE_AGES_NEEDED = 3  # ... and how many before a check's first look goes by them
 REREAD_WAIT_TOKENS = 2  # a repair's re-read may wait for this many tokens beyond spare ones
+# Following, a search for late arrivals may go this many tokens below the one the next poll
+# needs (-1: it takes that token and waits for the next), while the store is under a minute
+# behind and reading takes at most this share of the budget (above it, only spare tokens).
+REPAIR_SPARE_TOKENS = -1.0
+BORROW_UP_TO_LOAD = 0.65
+# Early checks (before check_every) only while the budget is about full: this close to it.
+IDLE_BUDGET_SHORT = 0.5
+# At such a load a poll waits for the page the cursor stands on to fill, and this share of a
+# page more (arrivals run a little slower than their rate about half the time).
+POLL_FILL_MARGIN = 0.1
+PAGE_STARTS_KEPT = 64  # pages of the open window remembered (their first records' dates)
 
 # ---------------------------------------------------------------- what an answer may be
 

@@ -3,13 +3,15 @@
 How a run reads (see docs/design.md for the reasoning):
 
 * A run fixes its end ``E = now - settle`` when it starts and never moves past it.
-* The cursor is a window start ``S`` and a page number. Pages of ``[S, E]`` are read with the
-  largest page size; each page, the totals it moves and the new cursor are committed in one
-  database transaction. A full page moves the cursor to the next page of the same window: a later
-  run continues there with a later ``E``, and since the upstream lists items in createdAt order,
-  the items it has not shown yet are exactly the ones after that offset. A short or empty page
-  ends the window: the position becomes ``E`` and the next window starts there. ``meta`` never
-  ends a window; in ``--follow`` it only tells whether to ask for the next page now or later.
+* The cursor is an open window's start ``S`` and a page number. Pages of ``[S, E]`` are read
+  with the largest page size; each page, the totals it moves and the new cursor are committed in
+  one database transaction. A full page moves the cursor to the next page; a short one means
+  everything up to ``E`` is read, and the next run asks for that page again with a later ``E``.
+  Since the upstream lists items in createdAt order, the items not shown yet are exactly the ones
+  after that offset. ``S`` moves up, to just before the first record of a page read at least
+  ``overlap`` behind, so the window always covers the overlap: a page that repeats more known
+  records than it held last time shows a late arrival before it, at no cost. ``meta`` never
+  ends a read early; in ``--follow`` it only tells whether to ask for the next page now or later.
 * Late arrivals: a check counts ``[verified_until or as_of - overlap, as_of]`` with one
   request, which reads the window's page where late arrivals have tended to be; a shortfall is
   searched for and repaired by ``reconcile.Reconciler``. Checks run every ``check_every``
@@ -26,6 +28,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 
@@ -38,15 +41,21 @@ from .errors import (  # noqa: F401 (re-exported: sync's failures)
     TransientError,
     UpstreamError,
 )
-from .models import format_instant
+from .models import dates_inside, format_instant
 from .options import SyncOptions, SyncProgress, SyncSummary
 from .reconcile import Reconciler
 from .settings import (  # noqa: F401 (PAGE_SIZE, MAX_RESPONSE_BYTES re-exported)
+    BORROW_UP_TO_LOAD,
+    IDLE_BUDGET_SHORT,
     LATE_AGES_KEPT,
+    LOAD_WINDOW_MS,
     MAX_RESPONSE_BYTES,
     MAX_UNRELIABLE_BACKOFF,
     MIN_CHECK_SECONDS,
     PAGE_SIZE,
+    PAGE_STARTS_KEPT,
+    POLL_FILL_MARGIN,
+    REPAIR_SPARE_TOKENS,
     STALE_AFTER_SECONDS,
     TOKEN_MARGIN,
 )
@@ -86,6 +95,8 @@ class Syncer:
         if on_progress is not None:
             self.upstream.on_wait = self._waiting
         self.following = False
+        self.arrivals = ArrivalRate()  # following: new transactions a second, smoothed
+        self.page_filled = 0  # following: records the cursor's page held at the last poll
         self.late_seen = False  # a page repeated records: some arrived late before it
         self.reconciler = Reconciler(store, self.upstream, self.summary, options.page_size)
         self.reconciler.may_spend = self._spare_and_fresh
@@ -99,16 +110,36 @@ class Syncer:
         if self.stop.wait(seconds):
             raise SyncStopped()
 
-    def _spare_and_fresh(self) -> bool:
-        """Following, a search for late arrivals holds back the next poll by one token period
-        at most: each of its steps may take the token that poll would use (it then waits for
-        the next), and only while the store is less than half the freshness promise (a
-        minute) behind. What it leaves, later checks take up where it stood (the windows still
-        to repair are saved). A run that is not following has no later read to hold back: it
-        repairs within its request budget."""
+    def _spare_and_fresh(self, spare: float = 0.0) -> bool:
+        """Following, a search for a shortfall may hold back the next poll while the store is
+        less than half the freshness promise (a minute) behind: each of its steps may take the
+        token that poll would use (``spare`` 0), the poll then waiting for the next one. While
+        reading leaves a good share of the budget over (BORROW_UP_TO_LOAD) it goes first
+        altogether: a step may wait for a token itself (REPAIR_SPARE_TOKENS). What it leaves,
+        later checks take up where it stood (the windows still to repair are saved). A run that
+        is not following has no later read to hold back: it repairs within its request
+        budget."""
         if not self.following:
             return True
-        return self._fresh_enough() and self._spare_tokens() >= 0
+        floor = REPAIR_SPARE_TOKENS if self._light_load() else spare
+        return self._fresh_enough() and self._spare_tokens() >= floor
+
+    def _light_load(self) -> bool:
+        """Whether reading takes at most BORROW_UP_TO_LOAD of the budget (at the arrival rate
+        seen so far; unknown counts as light)."""
+        options = self.options
+        per_second = self.arrivals.steady
+        if per_second is None:
+            return True
+        pages = per_second * options.per / options.page_size  # pages a budget period brings
+        return pages <= BORROW_UP_TO_LOAD * options.rate_limit
+
+    def _keeps_window_open(self) -> bool:
+        """Whether a short page leaves the window open (asked for again next time). Following
+        at a heavy load it closes it instead, the next window starting at ``end`` with a page
+        of new records only: reading takes most of the budget there, and a page that comes
+        back holding records would cost a share of a request at every poll."""
+        return not self.following or self._light_load()
 
     def _fresh_enough(self) -> bool:
         return not self.following or self._behind_ms() < STALE_AFTER_SECONDS * 500
@@ -153,16 +184,41 @@ class Syncer:
     def _read_until(self, end: int, defer_full_pages: bool) -> bool:
         limit = self.options.page_size
         while True:
-            start, page, position, as_of = self._cursor()
-            if start >= end:
+            start, page, _position, as_of = self._cursor()
+            if as_of >= end or start >= end:
                 return True
+            listing = [self.options.api_url, limit]
+            if self.store.state_value("listing", listing) != listing:
+                # Pages counted in another upstream's listing (a rebind) or in pages of another
+                # size: start a new window where everything is read.
+                start, page = as_of, 1
+                self.store.put_state(window_start=start, page=page, page_held=0, page_starts=[])
+            start, page = self._move_window_start(start, page, as_of)
+            state = self.store.state()
+            held = state.get("page_held", 0)
             result = self.upstream.fetch(start, end, page, limit)
             full = len(result.items) >= limit
-            next_cursor = partial(_next_cursor, full, start, page, as_of, end)
+            starts = state.get("page_starts") or []
+            dated = dates_inside(result.items, start, end)
+            if full and dated:
+                starts = (starts + [[page, min(dated)]])[-PAGE_STARTS_KEPT:]
+            keep_open = self._keeps_window_open()
+            next_cursor = partial(
+                _next_cursor,
+                full,
+                start,
+                page,
+                as_of,
+                end,
+                len(result.items) if keep_open else None,
+                starts,
+                listing,
+            )
             ingested = self.store.ingest(result.items, state=next_cursor)
-            if page > 1 and ingested.duplicates:
-                # Page k of a window starts where the pages before it ended, unless records
-                # were inserted before it since: what it repeats is what they pushed along.
+            if (page > 1 or held) and ingested.duplicates > held:
+                # Page k of the window starts where the pages before it ended, unless records
+                # were inserted before it since: the known records it repeats beyond those it
+                # held last time are what they pushed along.
                 self.late_seen = True
             self.summary.pages += 1
             self.summary.add_ingest(ingested)
@@ -170,12 +226,48 @@ class Syncer:
             if self.on_progress is not None:
                 self._tell_progress(start, end, page, len(result.items), result.total)
             if not full:
+                self.page_filled = len(result.items) if keep_open else 0
                 return True
+            # What the next page holds already, if it is left for the next poll (below).
+            self.page_filled = 0 if result.total is None else max(0, result.total - page * limit)
             # Following, ask now only for a page the upstream says is full: a few leftover
             # items ride along with the next poll's instead of costing a request of their own.
             full_page_promised = result.total is not None and result.total >= (page + 1) * limit
             if defer_full_pages and not full_page_promised:
                 return True
+
+    def _move_window_start(self, start: int, page: int, as_of: int) -> tuple[int, int]:
+        """Keep the open window's start about ``overlap`` behind ``as_of``: move it up to the
+        whole second before the first record of a page read full at least that far back, and
+        number the pages from there.
+
+        That page's first record sat at offset ``(j - 1) x limit`` when it was read, and every
+        record dated before it came before it, so the new window lacks at most that many of
+        the old one's records: its page ``page - j + 1`` starts at or before where reading
+        stands (records inserted since, or sharing that second, come back as known ones),
+        never after. Only the upstream's own listing is trusted, never the store's counts. The
+        pages remembered are those read since the last move (the move's offset is not exact)."""
+        state = self.store.state()
+        latest = as_of - int(self.options.overlap * 1000)
+        chosen = None
+        for number, first in state.get("page_starts") or []:
+            moved = (first - 1) // 1000 * 1000
+            if number < page and start < moved <= latest:
+                chosen = number, moved, first
+        if chosen is None:
+            return start, page
+        number, moved, first = chosen
+        # Records of that second before the page's first one come back at the new page's
+        # start: known, and not late arrivals.
+        sharing = max(0, self.store.count_window(moved, first)[1] - 1)
+        page = page - number + 1
+        self.store.put_state(
+            window_start=moved,
+            page=page,
+            page_held=state.get("page_held", 0) + sharing,
+            page_starts=[],
+        )
+        return moved, page
 
     # ------------------------------------------------------------ what it says
 
@@ -284,12 +376,13 @@ class Syncer:
         if elapsed < min(options.check_every, soonest):
             return False
         if self.late_seen or self.store.state_value("repair_pending"):
-            # A repair under way, or a page that showed a late arrival: any spare token.
-            return self._spare_tokens() >= 1
-        # Early only with the bucket about full: the check's count, a repair's first steps and
-        # the next poll's token all fit in it.
+            # A page that showed a late arrival, or a search under way: a token the next poll
+            # does not need, or at a light load any token (see _spare_and_fresh).
+            return self._spare_and_fresh(spare=1.0)
+        # Otherwise early only with the bucket about full (the budget is idle): the check's
+        # count, a search's first steps and the next poll's token all fit in it.
         tokens = self._spare_tokens() + 1 + TOKEN_MARGIN
-        return tokens >= max(options.rate_limit - 0.5, 2 + TOKEN_MARGIN)
+        return tokens >= max(options.rate_limit - IDLE_BUDGET_SHORT, 2 + TOKEN_MARGIN)
 
     def _spare_tokens(self) -> float:
         """Tokens in the shared budget beyond the one the next poll needs (and its margin)."""
@@ -394,7 +487,7 @@ class Syncer:
         than ``interval`` seconds, which bounds the staleness, nor sooner than the budget
         refills a token.
         """
-        rate = ArrivalRate()
+        rate = self.arrivals
         self.following = True
         while not self.stop.is_set():
             started = self.clock()
@@ -437,11 +530,18 @@ class Syncer:
                 self.check()
 
     def _next_poll_in(self, arrivals_per_second: float | None) -> float:
-        token_period = self.options.per / self.options.rate_limit
+        """When about a full page waits at the cursor: a page's worth of arrivals, or at a
+        light load (the window kept open) what the cursor's page lacks, plus POLL_FILL_MARGIN
+        of a page so that arrivals a little slower than their rate still fill it."""
+        options = self.options
+        token_period = options.per / options.rate_limit
         if not arrivals_per_second:
-            return self.options.interval
-        full_page_in = self.options.page_size / arrivals_per_second
-        return min(self.options.interval, max(token_period, full_page_in))
+            return options.interval
+        missing = options.page_size
+        if self._light_load():
+            missing += POLL_FILL_MARGIN * options.page_size - min(self.page_filled, missing)
+        full_page_in = missing / arrivals_per_second
+        return min(options.interval, max(token_period, full_page_in))
 
     def _finish_summary(self) -> None:
         _start, _page, position, as_of = self._cursor()
@@ -482,29 +582,75 @@ def _count(number: int, noun: str) -> str:
 
 
 class ArrivalRate:
-    """New transactions a second, smoothed over the last few polls."""
+    """New transactions a second: ``per_second`` smoothed over the last few polls (it paces
+    them), and ``steady`` over the polls of the last LOAD_WINDOW_MS, the window status
+    measures the load over (it judges the load: one poll that read a backlog, or little, must
+    not move it)."""
 
     def __init__(self):
         self.per_second: float | None = None
+        self.steady: float | None = None
         self._last: float | None = None
+        self._recent: deque[tuple[float, int, float]] = deque()  # (at, arrived, seconds)
 
     def observe(self, arrived: int, now: float) -> None:
         if self._last is not None and now > self._last:
             sample = arrived / (now - self._last)
             self.per_second = sample if self.per_second is None else (self.per_second + sample) / 2
+            self._recent.append((now, arrived, now - self._last))
+            while now - self._recent[0][0] > LOAD_WINDOW_MS / 1000:
+                self._recent.popleft()
+            seconds = sum(poll[2] for poll in self._recent)
+            self.steady = sum(poll[1] for poll in self._recent) / seconds if seconds else None
         self._last = now
 
 
 def _next_cursor(
-    full: bool, start: int, page: int, as_of: int, end: int, ingested: IngestResult
+    full: bool,
+    start: int,
+    page: int,
+    as_of: int,
+    end: int,
+    items: int | None,
+    starts: list,
+    listing: list,
+    ingested: IngestResult,
 ) -> dict:
-    """The cursor after a page of [start, end]: the next page, or the next window."""
+    """The cursor after a page of [start, end]: the next page, or this page again next time.
+
+    A short page of ``items`` records ends nothing: everything up to ``end`` has been read, and
+    the next run asks for the same page of the same window with a later end (``page_held``
+    records come back at its start). So the window stays open and its start stays about
+    ``overlap`` behind, where a page that repeats more known records than it held shows a late
+    arrival at once. ``items`` None closes the window instead (Syncer._keeps_window_open)."""
+    if not full and items is None:
+        # The window closes: the next one starts where everything is read.
+        return {
+            "window_start": end,
+            "page": 1,
+            "page_held": 0,
+            "page_starts": [],
+            "listing": listing,
+            "position": end,
+            "as_of": max(as_of, end),
+        }
     if not full:
-        return {"window_start": end, "page": 1, "position": end, "as_of": max(as_of, end)}
-    # Pages come in createdAt order: everything before this page's latest second has been read.
-    if ingested.max_created_at is not None:
-        as_of = max(as_of, min(end, ingested.max_created_at // 1000 * 1000))
-    return {"window_start": start, "page": page + 1, "position": start, "as_of": as_of}
+        as_of = max(as_of, end)
+        held = items
+    else:
+        # Pages come in createdAt order: everything before this page's latest second is read.
+        if ingested.max_created_at is not None:
+            as_of = max(as_of, min(end, ingested.max_created_at // 1000 * 1000))
+        page, held = page + 1, 0
+    return {
+        "window_start": start,
+        "page": page,
+        "page_held": held,
+        "page_starts": starts,
+        "listing": listing,
+        "position": as_of,
+        "as_of": as_of,
+    }
 
 
 def sync(store: Store, options: SyncOptions, **kwargs) -> SyncSummary:
