@@ -304,7 +304,8 @@ def test_the_load_is_judged_over_minutes_not_by_one_poll():
 def test_at_a_light_load_a_poll_waits_for_the_page_it_stands_on_to_fill(tmp_path, load):
     """Following, a poll comes when about a page has arrived; at a light load the page the
     cursor stands on may hold records already (a short page asked for again, or what a
-    deferred full page left), so it comes when that page is full, plus POLL_FILL_MARGIN."""
+    deferred full page left), so it comes when that page is full, plus POLL_FILL_MARGIN, at
+    the lower of the steady rate and the last polls'."""
     clock = FakeClock(BASE_S)
     with Store.open(tmp_path / "s.db") as store:
         sync = syncer(store, Recorded([], clock, True, True), clock, rate_limit=5, per=60)
@@ -319,3 +320,13 @@ def test_at_a_light_load_a_poll_waits_for_the_page_it_stands_on_to_fill(tmp_path
         assert sync._next_poll_in(per_second) == pytest.approx(max(12, missing / per_second))
         sync.page_filled = 990  # never sooner than the budget gives a token
         assert sync._next_poll_in(per_second) >= 12
+        sync.page_filled = 700
+        # The last polls read a backlog (twice the steady rate): at a light load the steady
+        # rate paces the next poll, at a heavy one the last polls' as before.
+        faster = 2 * per_second
+        steady_in = missing / per_second if load == 0.2 else missing / faster
+        assert sync._next_poll_in(faster) == pytest.approx(max(12, steady_in))
+        # A lull (the last polls found a tenth of it): the next poll waits longer, either way.
+        assert sync._next_poll_in(per_second / 10) == pytest.approx(
+            min(60, missing * 10 / per_second)
+        )

@@ -532,7 +532,10 @@ class Syncer:
     def _next_poll_in(self, arrivals_per_second: float | None) -> float:
         """When about a full page waits at the cursor: a page's worth of arrivals, or at a
         light load (the window kept open) what the cursor's page lacks, plus POLL_FILL_MARGIN
-        of a page so that arrivals a little slower than their rate still fill it."""
+        of a page so that arrivals a little slower than their rate still fill it. There the
+        rate is the lower of the last polls' and the steady one (a poll that read a backlog
+        must not bring the next one too soon, and a lull must slow polls down at once): a
+        poll that comes early reads a short page, and the next one few new records."""
         options = self.options
         token_period = options.per / options.rate_limit
         if not arrivals_per_second:
@@ -540,6 +543,7 @@ class Syncer:
         missing = options.page_size
         if self._light_load():
             missing += POLL_FILL_MARGIN * options.page_size - min(self.page_filled, missing)
+            arrivals_per_second = min(arrivals_per_second, self.arrivals.steady or math.inf)
         full_page_in = missing / arrivals_per_second
         return min(options.interval, max(token_period, full_page_in))
 
