@@ -9,8 +9,9 @@ How a run reads (see docs/design.md for the reasoning):
   everything up to ``E`` is read, and the next run asks for that page again with a later ``E``.
   Since the upstream lists items in createdAt order, the items not shown yet are exactly the ones
   after that offset. ``S`` moves up, to just before the first record of a page read at least
-  ``overlap`` behind, so the window always covers the overlap: a page that repeats more known
-  records than it held last time shows a late arrival before it, at no cost. ``meta`` never
+  ``overlap`` behind, so the window covers the overlap: a page that repeats more known records
+  than it held last time shows a late arrival before it, at no cost. Following at a heavy load
+  a short page closes the window instead (the next one starts at ``E``). ``meta`` never
   ends a read early; in ``--follow`` it only tells whether to ask for the next page now or later.
 * Late arrivals: a check counts ``[verified_until or as_of - overlap, as_of]`` with one
   request, which reads the window's page where late arrivals have tended to be; a shortfall is
@@ -629,16 +630,8 @@ def _next_cursor(
     arrival at once. ``items`` None closes the window instead (Syncer._keeps_window_open)."""
     if not full and items is None:
         # The window closes: the next one starts where everything is read.
-        return {
-            "window_start": end,
-            "page": 1,
-            "page_held": 0,
-            "page_starts": [],
-            "listing": listing,
-            "position": end,
-            "as_of": max(as_of, end),
-        }
-    if not full:
+        start, page, held, starts, as_of = end, 1, 0, [], max(as_of, end)
+    elif not full:
         as_of = max(as_of, end)
         held = items
     else:
