@@ -1,10 +1,12 @@
 """Ingest throughput into PostgreSQL next to SQLite, through ``Store.ingest`` end to end; and
 with ``--failover``, how long a standby ``sync --follow`` takes to commit its first page after
-the leader is killed (kill -9) or stopped (SIGSTOP).
+the leader is killed (kill -9) or stopped (SIGSTOP); and with ``--indexes``, whether a BRIN index
+on ``transactions.created_at`` would do in place of the B-tree.
 
     python bench/postgres_load.py [--transactions 200000] [--users 10000]
                                   [--server postgresql://postgres@127.0.0.1:5432]
     python bench/postgres_load.py --failover [--runs 10] [--lease 30]
+    python bench/postgres_load.py --indexes [--transactions 2000000] [--users 10000]
 
 The same upstream pages (1000 records each, decoded as sync decodes them: amounts as Decimal)
 go into a fresh SQLite file and into a fresh PostgreSQL database of the run's own (dropped at the
@@ -23,6 +25,15 @@ runs fall at every phase of the renewals (every lease/6) and of the asking (ever
 ``kill -9``: the killed leader is replaced by a new follower, which stands by; ``SIGSTOP``: the
 stopped one is woken (SIGCONT) once the standby committed, steps down and stands by. Prints
 every run, then median and max of each.
+
+``--indexes``: ``--transactions`` go into a database of the run's own through ``Store.ingest``, in
+arrival order: createdAt order but for 1% that arrive up to 150 s late (as the upstream's late
+arrivals do). Then, with the store's B-tree on ``created_at``, with a BRIN index of the default
+pages_per_range in its place, and with one of 16 pages a range, after VACUUM (ANALYZE): the
+index's size, the table's (heap) size, the whole store's bytes per transaction, the times of
+``count_window`` over 300 five-minute windows spread over the data and of ``clear_second`` at
+300 moments (median and p99, after one warm-up pass), and the transactions/s of a further tenth of
+``--transactions`` ingested with that index in place (each index its own, later, batch).
 """
 
 from __future__ import annotations
@@ -42,9 +53,9 @@ from decimal import Decimal
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MockServer, machine, txagg  # noqa: E402
+from common import MockServer, machine, percentile, txagg  # noqa: E402
 
-from txagg.models import format_timestamp  # noqa: E402
+from txagg.models import format_timestamp, parse_created_at  # noqa: E402
 from txagg.store import Store  # noqa: E402
 
 START_MS = 1_700_000_000_000
@@ -71,6 +82,22 @@ def pages(transactions: int, users: int, seed: int = 1) -> list[list[dict]]:
             )
         out.append(page)
     return out
+
+
+def arrivals(
+    transactions: int, users: int, late: float = 0.01, late_ms: int = 150_000, seed: int = 1
+) -> list[list[dict]]:
+    """``pages()``'s records in the order the upstream shows them: a share ``late`` of them
+    appear up to ``late_ms`` after their createdAt, the rest at it; pages of 1000 again."""
+    rng = random.Random(seed)
+    shown = []
+    for page in pages(transactions, users, seed):
+        for record in page:
+            at = parse_created_at(record["createdAt"])
+            shown.append((at + rng.randint(0, late_ms) if rng.random() < late else at, record))
+    shown.sort(key=lambda pair: pair[0])
+    records = [record for _, record in shown]
+    return [records[i : i + 1000] for i in range(0, len(records), 1000)]
 
 
 def load(store, batches: list[list[dict]]) -> float:
@@ -199,9 +226,112 @@ def failover(server: str, runs: int, lease: float) -> None:
         )
 
 
+WINDOW_MS = 5 * 60_000
+PROBES = 300
+INDEXES = {
+    "B-tree (the store's)": None,
+    "BRIN": "USING brin (created_at)",
+    "BRIN, 16 pages/range": "USING brin (created_at) WITH (pages_per_range = 16)",
+}
+# count_window's statement on transactions, for its plan
+WINDOW_SQL = (
+    "SELECT count(*), sum(CASE WHEN created_at = %s OR created_at = %s THEN 1 ELSE 0 END) "
+    "FROM transactions WHERE created_at >= %s AND created_at <= %s"
+)
+
+
+def timed(call, calls: list[tuple]) -> list[float]:
+    """Seconds of each call, measured on a second pass (the first warms the cache)."""
+    for args in calls:
+        call(*args)
+    seconds = []
+    for args in calls:
+        began = time.perf_counter()
+        call(*args)
+        seconds.append(time.perf_counter() - began)
+    return seconds
+
+
+def indexes(server: str, transactions: int, users: int) -> None:
+    """--indexes: see the module's docstring."""
+    import psycopg
+
+    print(machine())
+    further = max(1, transactions // 10_000)  # pages of 1000
+    batches = arrivals(transactions + len(INDEXES) * further * 1000, users)
+    first, more = batches[: transactions // 1000], batches[transactions // 1000 :]
+    rng = random.Random(2)
+    name = f"txagg_bench_indexes_{os.getpid()}"
+    rows = []
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+        version = admin.execute("SHOW server_version").fetchone()[0]
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            with (
+                Store.open(f"{server}/{name}") as store,
+                psycopg.connect(f"{server}/{name}", autocommit=True) as conn,
+            ):
+                first_seconds = load(store, first)
+                low, high = conn.execute(
+                    "SELECT min(created_at), max(created_at) FROM transactions"
+                ).fetchone()
+                step = (high - low - WINDOW_MS) // (PROBES - 1)
+                windows = [(low + i * step, low + i * step + WINDOW_MS) for i in range(PROBES)]
+                moments = [(rng.randint(low, high),) for _ in range(PROBES)]
+                for number, (label, create) in enumerate(INDEXES.items()):
+                    if create:
+                        conn.execute("DROP INDEX transactions_created_at")
+                        conn.execute(
+                            f"CREATE INDEX transactions_created_at ON transactions {create}"
+                        )
+                    conn.execute("VACUUM (ANALYZE) transactions")
+                    index_bytes, table_bytes, count = conn.execute(
+                        "SELECT pg_relation_size('transactions_created_at'), "
+                        "pg_relation_size('transactions'), count(*) FROM transactions"
+                    ).fetchone()
+                    plan = conn.execute(
+                        f"EXPLAIN (FORMAT JSON) {WINDOW_SQL}", (*windows[0], *windows[0])
+                    ).fetchone()[0][0]["Plan"]
+                    while "Plans" in plan:
+                        plan = plan["Plans"][0]
+                    plan = plan["Node Type"]
+                    counts = timed(store.count_window, windows)
+                    clears = timed(store.clear_second, moments)
+                    per = store.size_bytes() / count
+                    added = more[number * further : (number + 1) * further]
+                    rate = sum(map(len, added)) / load(store, added)
+                    rows.append((label, index_bytes, table_bytes, per, counts, clears, rate, plan))
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    print(f"PostgreSQL {version}")
+    print(
+        f"{transactions:,} transactions ({transactions / first_seconds:,.0f} tx/s), "
+        f"{users:,} users, over {(high - low) / 3_600_000:.1f} h, 1% up to 150 s late; "
+        f"then {further * 1000:,} more with each index"
+    )
+    print(
+        f"{PROBES} count_window of {WINDOW_MS // 60_000} min and {PROBES} clear_second, "
+        f"ms median/p99; sizes before each index's batch, after VACUUM (ANALYZE)"
+    )
+    print(
+        f"{'created_at index':<22}{'index':>11}{'table':>10}{'B/tx':>6}"
+        f"{'count_window':>15}{'clear_second':>15}{'ingest tx/s':>13}  scan"
+    )
+    for label, index_bytes, table_bytes, per, counts, clears, rate, scan in rows:
+        figures = [
+            f"{statistics.median(v) * 1000:.2f}/{percentile(v, 0.99) * 1000:.2f}"
+            for v in (counts, clears)
+        ]
+        print(
+            f"{label:<22}{index_bytes / 1024:>8,.0f} kB{table_bytes / 2**20:>8.1f}MB{per:>6.0f}"
+            f"{figures[0]:>15}{figures[1]:>15}{rate:>13,.0f}  {scan}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--transactions", type=int, default=200_000)
+    parser.add_argument("--transactions", type=int, help="default 200000; with --indexes, 2000000")
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument(
         "--server",
@@ -209,15 +339,21 @@ def main() -> None:
         help="a PostgreSQL server URL without a database: the run creates and drops its own",
     )
     parser.add_argument("--failover", action="store_true", help="measure failover instead")
+    parser.add_argument(
+        "--indexes", action="store_true", help="B-tree or BRIN on created_at, instead"
+    )
     parser.add_argument("--runs", type=int, default=10, help="--failover: runs of each kind")
     parser.add_argument("--lease", type=float, default=30.0, help="--failover: sync's --lease")
     args = parser.parse_args()
     if args.failover:
         failover(args.server, args.runs, args.lease)
         return
+    if args.indexes:
+        indexes(args.server, args.transactions or 2_000_000, args.users)
+        return
     import psycopg
 
-    batches = pages(args.transactions, args.users)
+    batches = pages(args.transactions or 200_000, args.users)
     count = sum(len(page) for page in batches)
     print(machine())
 

@@ -39,13 +39,19 @@ def store(db_path: Path):
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def either_store(request, tmp_path: Path):
+def either_location(request, tmp_path: Path) -> Path | str:
+    """Where a fresh store goes on each backend in turn: a SQLite file's path, then a
+    PostgreSQL store's URL (what ``--db`` takes either way)."""
+    if request.param == "sqlite":
+        return tmp_path / "store.db"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def either_store(either_location: Path | str):
     """A fresh store on each backend in turn: a SQLite file, then a PostgreSQL schema. Test
     modules whose contract holds on both use it as their ``store``."""
-    location = (
-        tmp_path / "store.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    )
-    with Store.open(location) as opened:
+    with Store.open(either_location) as opened:
         yield opened
 
 

@@ -1,4 +1,6 @@
-"""The command line through typer's CliRunner: exit codes, messages, JSON shapes."""
+"""The command line through typer's CliRunner: exit codes, messages, JSON shapes. Every test
+taking ``filled`` or ``either_location`` runs on a SQLite file and on a PostgreSQL store; those
+about files take ``filled_file``."""
 
 import json
 import subprocess
@@ -15,9 +17,9 @@ from txagg.store import Store
 runner = CliRunner()
 
 
-@pytest.fixture
-def filled(db_path):
-    with Store.open(db_path) as store:
+def fill(location):
+    """Two users' transactions in the store at ``location``, synced up to 22:15:00Z."""
+    with Store.open(location) as store:
         store.ingest(
             [
                 record(1, user="074092", kind="earned", amount=Decimal("1.2"), at_s=0),
@@ -29,7 +31,19 @@ def filled(db_path):
             ],
             state={"as_of": 1_700_000_100_000, "position": 1_700_000_100_000},
         )
-    return db_path
+    return location
+
+
+@pytest.fixture
+def filled(either_location):
+    """A filled store on each backend in turn: what ``--db`` takes (a path, or a URL)."""
+    return fill(either_location)
+
+
+@pytest.fixture
+def filled_file(db_path):
+    """A filled SQLite store: its file's path."""
+    return fill(db_path)
 
 
 def invoke(*args, **kwargs):
@@ -81,6 +95,7 @@ def test_unknown_user_exits_3(filled):
     assert result.stdout == ""
 
 
+# SQLite only: about a file that must not be created.
 def test_no_store_is_a_clear_failure_and_creates_nothing(tmp_path):
     missing = tmp_path / "none.db"
     result = invoke("report", "074092", "--db", missing)
@@ -141,9 +156,9 @@ def test_a_second_sync_on_a_locked_store_exits_75(filled):
     assert "another sync" in result.stderr
 
 
-def test_sync_against_a_dead_upstream_fails_clearly(tmp_path):
+def test_sync_against_a_dead_upstream_fails_clearly(either_location):
     result = invoke(
-        "sync", "--db", tmp_path / "s.db", "--api-url", "http://127.0.0.1:9", "--retry-for", "0.3"
+        "sync", "--db", either_location, "--api-url", "http://127.0.0.1:9", "--retry-for", "0.3"
     )
     assert result.exit_code == 1
     assert "unavailable" in result.stderr and "Traceback" not in result.output
@@ -169,6 +184,7 @@ READ_COMMANDS = (
 )
 
 
+# SQLite only: about files (empty, junk, foreign, missing) and their bytes.
 def test_read_commands_never_create_or_change_a_file(tmp_path):
     import sqlite3
 
@@ -199,18 +215,20 @@ def test_read_commands_never_create_or_change_a_file(tmp_path):
             assert sorted(tmp_path.iterdir()) == sorted(files), (path.name, args)
 
 
-def test_read_commands_leave_a_store_as_they_found_it(filled):
-    with Store.open(filled) as store:
+# SQLite only: compares the store file's bytes and its folder's listing.
+def test_read_commands_leave_a_store_as_they_found_it(filled_file):
+    with Store.open(filled_file) as store:
         store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    assert sorted(p.name for p in filled.parent.iterdir()) == [filled.name]
-    before = filled.read_bytes()
+    assert sorted(p.name for p in filled_file.parent.iterdir()) == [filled_file.name]
+    before = filled_file.read_bytes()
     for args in READ_COMMANDS:
-        result = run_txagg(*args, "--db", str(filled))
+        result = run_txagg(*args, "--db", str(filled_file))
         assert result.returncode == 0, (args, result.stderr)
-        assert filled.read_bytes() == before, args
-        assert sorted(p.name for p in filled.parent.iterdir()) == [filled.name], args
+        assert filled_file.read_bytes() == before, args
+        assert sorted(p.name for p in filled_file.parent.iterdir()) == [filled_file.name], args
 
 
+# SQLite only: the fast path serves SQLite files; a PostgreSQL URL goes to the full CLI.
 def test_the_report_fast_path_loads_only_what_a_lookup_needs(tmp_path):
     """``report USER --json`` in a shell loop: no module of sync, binding, the CLI, PostgreSQL or
     the servers, however the modules it does load grow (a top-level import costs every call)."""

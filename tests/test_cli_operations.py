@@ -1,7 +1,8 @@
 """The command line's conventions and what it says while it works: --version, -h, shell
 completion, metavars, option errors, a TXAGG_ variable for every option, -v/-q/--log-format,
 the line per poll and per check, the access logs, and sync's progress and Ctrl-C on a real
-terminal (a pseudo-terminal)."""
+terminal (a pseudo-terminal). Every test taking ``filled`` or ``either_location`` runs on a
+SQLite file and on a PostgreSQL store."""
 
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ def _leave_logging_as_it_was():
 
 
 @pytest.fixture
-def filled(db_path):
-    with Store.open(db_path) as store:
+def filled(either_location):
+    """A filled store on each backend in turn: what ``--db`` takes (a path, or a URL)."""
+    with Store.open(either_location) as store:
         store.ingest(
             [
                 record(1, user="074092", kind="earned", amount=Decimal("1.2"), at_s=0),
@@ -96,7 +98,7 @@ def filled(db_path):
             ],
             state={"as_of": 1_700_000_100_000, "position": 1_700_000_100_000},
         )
-    return db_path
+    return either_location
 
 
 # ------------------------------------------------------------------ conventions
@@ -281,8 +283,8 @@ def test_a_variable_sets_its_option_and_the_command_line_wins(filled):
 # ------------------------------------------------------------------ logging
 
 
-def test_quiet_hides_the_retry_lines_but_not_the_error(tmp_path):
-    db = str(tmp_path / "s.db")
+def test_quiet_hides_the_retry_lines_but_not_the_error(either_location):
+    db = str(either_location)
     loud = run("sync", "--db", db, "--api-url", DEAD, "--retry-for", "2.5")
     assert "Warning: upstream unreachable" in loud.stderr
     quiet = run("sync", "--db", db, "--api-url", DEAD, "--retry-for", "2.5", "-q")
@@ -374,11 +376,13 @@ class Lines:
         raise AssertionError(f"not seen in time; seen: {self.seen[-20:]}")
 
 
-def test_following_into_a_log_says_each_poll_and_check_and_what_a_stop_saved(tmp_path, start_mock):
+def test_following_into_a_log_says_each_poll_and_check_and_what_a_stop_saved(
+    either_location, start_mock
+):
     url = start_mock(users=10, history=1500, tx_per_minute=600, rate_limit=1000, per=1)
     process = subprocess.Popen(
         txagg_command(
-            "sync", "--follow", "--db", str(tmp_path / "s.db"), "--api-url", url,
+            "sync", "--follow", "--db", str(either_location), "--api-url", url,
             "--rate-limit", "20", "--per", "1", "--settle", "0", "--interval", "0.3",
         ),
         stdout=subprocess.PIPE,
@@ -396,15 +400,18 @@ def test_following_into_a_log_says_each_poll_and_check_and_what_a_stop_saved(tmp
         out = process.stdout.read()
         assert process.wait(timeout=60) == 0
     stopped = lines.until(lambda line: " stopped: " in line)
-    assert re.search(r"stopped: [\d,]+ new transactions stored \([\d,]+ in the store\); "
-                     r"the next run continues from \d{4}-\S+Z$", stopped)  # fmt: skip
+    saved = re.search(r"stopped: ([\d,]+) new transactions stored \([\d,]+ in the store\); "
+                      r"the next run continues from \d{4}-\S+Z$", stopped)  # fmt: skip
+    assert saved, stopped
     assert all(line.startswith("Info: ") for line in lines.seen), lines.seen
-    assert json.loads(out)["new"] >= 1000
+    summary = json.loads(out)
+    assert summary["new"] >= 1000
+    assert int(saved.group(1).replace(",", "")) == summary["new"]
 
 
-def test_serve_follow_logs_its_polls_and_both_servers_log_requests(tmp_path, start_mock):
+def test_serve_follow_logs_its_polls_and_both_servers_log_requests(either_location, start_mock):
     url = start_mock(users=10, history=20, rate_limit=1000, per=1)
-    db = str(tmp_path / "s.db")
+    db = str(either_location)
     assert invoke("sync", "--db", db, "--api-url", url, *FAST).exit_code == 0
     serve = subprocess.Popen(
         txagg_command(

@@ -110,12 +110,16 @@ def test_status_shows_the_leader_and_the_standbys(pg_url):
 
 
 class Follower:
-    """``txagg sync --follow`` in a subprocess, its stderr collected line by line."""
+    """``txagg sync --follow`` in a subprocess, its stderr collected line by line; ``prefix``
+    runs it under a command that execs it in place (``ip netns exec NAME``)."""
 
-    def __init__(self, name: str, db: str, *args: str):
+    def __init__(self, name: str, db: str, *args: str, prefix: tuple[str, ...] = ()):
         self.name = name
         self.process = subprocess.Popen(
-            txagg_command("sync", "--follow", "--db", f"{db}&application_name={name}", *args),
+            [
+                *prefix,
+                *txagg_command("sync", "--follow", "--db", f"{db}&application_name={name}", *args),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -139,6 +143,27 @@ class Follower:
         self.process.wait()
         self.reader.join(10)
         self.process.stderr.close()
+
+
+def test_a_stopped_standby_counts_only_what_it_stored(pg_url, start_mock):
+    """A standby's store grows by the leader's work: when stopped it says it stored nothing."""
+    url = start_mock(users=5, history=20, rate_limit=1000, per=1)
+    fast = ("--rate-limit", "1000", "--per", "1")
+    assert run_txagg("sync", "--db", pg_url, "--api-url", url, *fast).returncode == 0
+    with Store.open(pg_url) as leader, leader.lock("sync", lease=LEASE):
+        standby = Follower("txagg-standby", pg_url, "--lease", str(LEASE), *fast)
+        try:
+            wait_for(lambda: standby.said("standing by: leader "), timeout=30)
+            leader.ingest([record(900_001), record(900_002)])
+            standby.process.send_signal(signal.SIGTERM)
+            assert standby.process.wait(timeout=60) == 0
+            standby.reader.join(10)
+        finally:
+            standby.stop()
+    stopped = [line for line in standby.lines if "stopped: " in line]
+    assert stopped and "stopped: 0 new transactions stored (22 in the store)" in stopped[0], (
+        standby.lines
+    )
 
 
 AUDIT = """
@@ -181,15 +206,13 @@ def standby_pids(db: str) -> list[int]:
     return [int(standby["owner"].split(":")[1]) for standby in found["standbys"]]
 
 
-def test_failover_under_live_traffic_with_faults(mock_process, pg_database):
-    """Two followers against a faulty upstream with live traffic. The leader is stopped
-    (SIGSTOP) past its lease: the standby takes over and commits; woken (SIGCONT), the old
-    leader steps down and commits nothing. Then the new leader is killed (kill -9): the other
-    takes over. At the end the store is the upstream's ground truth, exactly, and every commit
-    was made by the holder of the lease at that moment."""
+def audited_store(mock_process, pg_database: str, seed: int):
+    """A faulty upstream with 40 s of live traffic and a new store synced from it once, its
+    commits audited: (the mock, the store's URL, the followers' options, when the traffic
+    ends on the monotonic clock)."""
     fast = ("--rate-limit", "20", "--per", "1")
     mock = mock_process(
-        "--seed", "12", "--users", "40", "--history", "3000", "--tx-per-minute", "600",
+        "--seed", str(seed), "--users", "40", "--history", "3000", "--tx-per-minute", "600",
         "--live-for", "40", "--faults", FAULTS, *fast,
     )  # fmt: skip
     live_ends = time.monotonic() + 41  # --live-for, from about when the mock started
@@ -199,6 +222,33 @@ def test_failover_under_live_traffic_with_faults(mock_process, pg_database):
     assert first.returncode == 0, first.stderr
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute(AUDIT)
+    return mock, db, common, live_ends
+
+
+def exact_and_fenced(mock_url: str, db: str, live_ends: float, pids: dict[str, int]) -> list:
+    """Once the live traffic ends, the store catches up to the upstream's ground truth exactly,
+    and every commit was made by the holder of the lease (``pids``: application name to pid),
+    in epoch order; the epochs of the commits."""
+    wait_for(lambda: time.monotonic() > live_ends, timeout=90, every=0.5)
+    truth = ground_truth(mock_url)
+    wait_for(lambda: peek(db, lambda store: differing_users(store, truth)) == [], timeout=90)
+    total = sum(user["transactions"] for user in truth)
+    assert peek(db, lambda store: store.counters()["transactions"]) == total
+    rows = run_sql(db, "SELECT app, owner, epoch FROM commit_audit ORDER BY id")
+    wrong = [row for row in rows if int(row[1].split(":")[1]) != pids.get(row[0])]
+    assert wrong == []
+    epochs = [row[2] for row in rows]
+    assert epochs == sorted(epochs)
+    return epochs
+
+
+def test_failover_under_live_traffic_with_faults(mock_process, pg_database):
+    """Two followers against a faulty upstream with live traffic. The leader is stopped
+    (SIGSTOP) past its lease: the standby takes over and commits; woken (SIGCONT), the old
+    leader steps down and commits nothing. Then the new leader is killed (kill -9): the other
+    takes over. At the end the store is the upstream's ground truth, exactly, and every commit
+    was made by the holder of the lease at that moment."""
+    mock, db, common, live_ends = audited_store(mock_process, pg_database, seed=12)
 
     a = Follower("txagg-a", db, *common)
     b = None
@@ -243,20 +293,8 @@ def test_failover_under_live_traffic_with_faults(mock_process, pg_database):
         wait_for(lambda: commits(db, "txagg-a", killed_at) > 0, timeout=45)
         assert a.said("leading: epoch ", after=seen)
 
-        # the live traffic ends: the store catches up to the upstream's ground truth exactly
-        wait_for(lambda: time.monotonic() > live_ends, timeout=90, every=0.5)
-        truth = ground_truth(mock.url)
-        wait_for(lambda: peek(db, lambda store: differing_users(store, truth)) == [], timeout=90)
-        total = sum(user["transactions"] for user in truth)
-        assert peek(db, lambda store: store.counters()["transactions"]) == total
-
-        # every commit was made by the holder of the lease, in epoch order
-        rows = run_sql(db, "SELECT app, owner, epoch FROM commit_audit ORDER BY id")
-        pids = {"txagg-a": a.pid, "txagg-b": b.pid}
-        wrong = [row for row in rows if int(row[1].split(":")[1]) != pids.get(row[0])]
-        assert wrong == []
-        epochs = [row[2] for row in rows]
-        assert epochs == sorted(epochs) and len(set(epochs)) >= 3  # a, b, a again
+        epochs = exact_and_fenced(mock.url, db, live_ends, {"txagg-a": a.pid, "txagg-b": b.pid})
+        assert len(set(epochs)) >= 3  # a, b, a again
         a.process.send_signal(signal.SIGTERM)
         assert a.process.wait(timeout=60) == 0
     finally:

@@ -141,11 +141,14 @@ def sync(
             raise fail(str(error), exit_code(error)) from None
         except KeyboardInterrupt:  # Ctrl-C without --follow: every page read is committed
             display.stop()
-            saved = what_was_saved(store, stored_before)
+            # Without --follow the store's lock was this run's alone: what it grew by is its own.
+            stored = store.counters().get("transactions", 0) - stored_before
+            saved = what_was_saved(store, stored)
             raise fail(f"sync interrupted: {saved}", EXIT_INTERRUPTED) from None
         if stop.is_set():
             display.stop()
-            tell(f"stopped: {what_was_saved(store, stored_before)}")
+            # Its own new transactions: a standby's store grew by the leader's work meanwhile.
+            tell(f"stopped: {what_was_saved(store, summary.new)}")
     show(output.SYNC, summary.as_dict(), output_format)
 
 
@@ -344,12 +347,12 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def what_was_saved(store: Store, stored_before: int) -> str:
-    """What a stopped run leaves (the cursor is committed with every page): how many
+def what_was_saved(store: Store, new: int) -> str:
+    """What a stopped run leaves (the cursor is committed with every page): the ``new``
     transactions it stored and from which instant the next run continues."""
     stored = store.counters().get("transactions", 0)
     as_of = store.state_value("as_of")
-    text = f"{_plural(stored - stored_before, 'new transaction')} stored ({stored:,} in the store)"
+    text = f"{_plural(new, 'new transaction')} stored ({stored:,} in the store)"
     if as_of is None:
         return f"{text}; the next run starts where this one did"
     return f"{text}; the next run continues from {format_instant(as_of)}"
