@@ -112,6 +112,11 @@ def main() -> None:
         f"load {args.load:.0%} of 5000/min, {args.minutes} simulated minutes at x{s:g}, "
         f"faults: {faults or 'none'}"
     )
+    if args.late_per_minute and s > 2:
+        print(
+            f"note: at x{s:g} the upstream's whole second is {s:g} simulated seconds, and late "
+            "arrivals are stored later than at full time (see the docstring): use --scale 2"
+        )
     with MockServer(*mock_args) as mock, tempfile.TemporaryDirectory() as scratch:
         db = str(Path(scratch) / "soak.db")
         # The backlog first, as a cron run would: the figures below are for following.

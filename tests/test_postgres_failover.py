@@ -21,7 +21,7 @@ from test_shapes import check
 
 from txagg import shapes
 from txagg.store import Store, StoreError, SyncLocked
-from txagg.testing import differing_users, ground_truth, txagg_command
+from txagg.testing import differing_users, ground_truth, sync_options, txagg_command
 
 LEASE = 10.0  # the followers' failover budget: a lease of 5 s, renewed every 1.7 s
 FAULTS = "error=0.05,reset=0.03,truncate=0.03,duplicate=0.05"
@@ -84,6 +84,46 @@ def test_a_stale_leaders_commit_cannot_land(pg_url):
         assert second.state_value("position") == 3
         assert second.counters()["transactions"] == 2
         assert second.user_totals("000001").tx_count == 2
+
+
+def test_a_term_ended_by_a_lost_lease_counts_in_the_summary(pg_url, start_mock):
+    """A leader whose lease is taken from it stands by; stopped, its summary adds up every
+    term it led: what it stored before the lease was lost counts."""
+    from txagg.store.postgres import owner_id
+    from txagg.sync import sync
+
+    url = start_mock(users=20, history=1500, tx_per_minute=600, rate_limit=1000, per=1)
+    options = sync_options(url, interval=0.2, lease=LEASE)
+    stop = threading.Event()
+    done: list = []
+    with Store.open(pg_url) as store:
+        leading = threading.Thread(
+            target=lambda: done.append(sync(store, options, follow=True, standby=True, stop=stop))
+        )
+        leading.start()
+        try:
+            wait_for(lambda: peek(pg_url, lambda s: s.counters().get("transactions", 0)) > 1500)
+            # another process takes the lease over (as after this one was cut off past it)
+            run_sql(
+                pg_url,
+                "UPDATE store_locks SET owner = 'elsewhere:1:x', epoch = epoch + 1, "
+                "expires_at = now() + interval '1 hour', holder_pid = NULL WHERE name = 'sync'",
+            )
+            me = owner_id().rsplit(":", 1)[0] + ":"  # this process, whatever its term
+            wait_for(
+                lambda: any(s["owner"].startswith(me) for s in peek(pg_url, standbys_of)),
+                timeout=30,
+            )
+        finally:
+            stop.set()
+            leading.join(60)
+        stored = store.counters()["transactions"]
+    assert done and done[0].new == stored and done[0].requests > 0
+    assert done[0].as_of is not None
+
+
+def standbys_of(store: Store) -> list[dict]:
+    return store.leadership()["standbys"]
 
 
 def test_status_shows_the_leader_and_the_standbys(pg_url):

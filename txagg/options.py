@@ -47,6 +47,19 @@ class SyncOptions:
     lease: float = LEASE_SECONDS  # sync --follow on PostgreSQL: the failover budget (seconds)
 
 
+# What SyncSummary.add_term adds up (IngestCounts' own fields by add_ingest).
+SUMMED = (
+    "requests",
+    "pages",
+    "throttled",
+    "retries",
+    "checks",
+    "check_requests",
+    "repairs",
+    "discrepancies",
+)
+
+
 @dataclass
 class SyncSummary(IngestCounts):
     """What a run did; ``as_dict`` is the JSON summary of ``sync --json`` (camelCase keys)."""
@@ -88,6 +101,18 @@ class SyncSummary(IngestCounts):
     def as_dict(self) -> dict:
         values = asdict(self)
         return {key: values[name] for name, key in self.JSON_KEYS.items()}
+
+    def add_term(self, term: SyncSummary) -> None:
+        """Another term led by the same process (``sync --follow`` that stood by meanwhile):
+        its counts added; where it left the cursor, if it said, and its errors as the latest."""
+        self.add_ingest(term)
+        for name in SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(term, name))
+        self.complete = term.complete
+        for name in ("position", "as_of", "lag_seconds"):  # a term cut short leaves them None
+            if getattr(term, name) is not None:
+                setattr(self, name, getattr(term, name))
+        self.errors = (self.errors + term.errors)[-5:]
 
 
 @dataclass

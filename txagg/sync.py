@@ -677,7 +677,7 @@ def lead_or_stand_by(store: Store, options: SyncOptions, **kwargs) -> SyncSummar
     leader or its epoch changes. Leading, a write that finds the lease lost (SyncLocked: this
     process was paused or cut off past its lease and another took over) or a connection lost
     to the database ends the term: nothing more is written, and it stands by again. Returns
-    when ``stop`` is set: the summary of the last term led (an empty one if none)."""
+    when ``stop`` is set: the summary of every term led, added up (an empty one if none)."""
     from .store.postgres import owner_id
 
     stop = kwargs.get("stop") or threading.Event()
@@ -703,8 +703,9 @@ def lead_or_stand_by(store: Store, options: SyncOptions, **kwargs) -> SyncSummar
                 )
                 syncer = Syncer(store, options, **kwargs)
                 try:
-                    summary = syncer.follow()
+                    syncer.follow()
                 finally:
+                    summary.add_term(syncer.summary)  # a term ended by a lost lease, too
                     syncer.close()
                 return summary
         except SyncLocked as error:
