@@ -142,9 +142,9 @@ def test_a_killed_holder_releases_the_lock_at_once(pg_url):
 
 
 def test_a_lapsed_lease_is_taken_over_and_its_old_holder_can_no_longer_write(pg_url, monkeypatch):
-    from txagg.store import postgres
+    from txagg.store import postgres_lease
 
-    monkeypatch.setattr(postgres, "LOCK_RENEW_SECONDS", 3600.0)  # no renewal in between
+    monkeypatch.setattr(postgres_lease, "LOCK_RENEW_SECONDS", 3600.0)  # no renewal in between
     with Store.open(pg_url) as first, Store.open(pg_url) as second:
         with first.sync_lock():
             first.ingest([record(1)], state={"position": 1})
@@ -164,10 +164,10 @@ def test_a_lapsed_lease_is_taken_over_and_its_old_holder_can_no_longer_write(pg_
 
 
 def test_the_lease_is_renewed_while_held(pg_url, monkeypatch):
-    from txagg.store import postgres
+    from txagg.store import postgres_lease
 
-    monkeypatch.setattr(postgres, "LOCK_TTL_SECONDS", 1.0)
-    monkeypatch.setattr(postgres, "LOCK_RENEW_SECONDS", 0.2)
+    monkeypatch.setattr(postgres_lease, "LOCK_TTL_SECONDS", 1.0)
+    monkeypatch.setattr(postgres_lease, "LOCK_RENEW_SECONDS", 0.2)
     with Store.open(pg_url) as holder, Store.open(pg_url) as other:
         with holder.lock("verify"):
             time.sleep(2.5)  # past the lease: renewed meanwhile

@@ -89,7 +89,7 @@ def test_a_stale_leaders_commit_cannot_land(pg_url):
 def test_a_term_ended_by_a_lost_lease_counts_in_the_summary(pg_url, start_mock):
     """A leader whose lease is taken from it stands by; stopped, its summary adds up every
     term it led: what it stored before the lease was lost counts."""
-    from txagg.store.postgres import owner_id
+    from txagg.store.postgres_lease import owner_id
     from txagg.sync import sync
 
     url = start_mock(users=20, history=1500, tx_per_minute=600, rate_limit=1000, per=1)

@@ -14,7 +14,8 @@ from conftest import FakeClock, FakeUpstream
 
 from txagg.settings import LOAD_WINDOW_MS, POLL_FILL_MARGIN
 from txagg.store import Store
-from txagg.sync import ArrivalRate, Syncer, SyncOptions
+from txagg.sync import Syncer, SyncOptions
+from txagg.window import ArrivalRate
 
 BASE_S = 1_700_000_000
 PAGE = 10

@@ -42,7 +42,7 @@ def is_sqlite(store) -> bool:
 def schema_version(location) -> int:
     """The backend's schema version: a PostgreSQL store has migrations of its own (replicas)."""
     if isinstance(location, str):
-        from txagg.store.postgres import PG_SCHEMA_VERSION
+        from txagg.store.postgres_schema import PG_SCHEMA_VERSION
 
         return PG_SCHEMA_VERSION
     return SCHEMA_VERSION

@@ -22,7 +22,7 @@ OVERLAP_SECONDS = 300.0  # how far behind its position late arrivals are still c
 SETTLE_SECONDS = 5.0  # a run reads up to now minus this
 INTERVAL_SECONDS = 30.0  # --follow: the longest pause between polls
 # sync --follow on PostgreSQL: a standby takes over within this many seconds of the leader's
-# death, hang or loss of its connection (its lease runs half of it; see store.postgres).
+# death, hang or loss of its connection (its lease runs half of it; see store.postgres_lease).
 LEASE_SECONDS = 30.0
 MIN_LEASE_SECONDS = 3.0
 CHECK_EVERY = 120.0  # seconds between late-arrival checks (sooner while the budget is idle)

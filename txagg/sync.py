@@ -29,7 +29,6 @@ import logging
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from functools import partial
 
@@ -49,7 +48,6 @@ from .settings import (  # noqa: F401 (PAGE_SIZE, MAX_RESPONSE_BYTES re-exported
     BORROW_UP_TO_LOAD,
     IDLE_BUDGET_SHORT,
     LATE_AGES_KEPT,
-    LOAD_WINDOW_MS,
     MAX_RESPONSE_BYTES,
     MAX_UNRELIABLE_BACKOFF,
     MIN_CHECK_SECONDS,
@@ -60,8 +58,9 @@ from .settings import (  # noqa: F401 (PAGE_SIZE, MAX_RESPONSE_BYTES re-exported
     STALE_AFTER_SECONDS,
     TOKEN_MARGIN,
 )
-from .store import IngestResult, Store, StoreError, StoreUnreachable, SyncLocked
+from .store import Store
 from .upstream import Page, Upstream, parse_retry_after  # noqa: F401 (re-exported)
+from .window import ArrivalRate, next_cursor_after
 
 log = logging.getLogger("txagg.sync")
 
@@ -205,7 +204,7 @@ class Syncer:
                 starts = (starts + [[page, min(dated)]])[-PAGE_STARTS_KEPT:]
             keep_open = self._keeps_window_open()
             next_cursor = partial(
-                _next_cursor,
+                next_cursor_after,
                 full,
                 start,
                 page,
@@ -586,70 +585,6 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun if number == 1 else plural}"
 
 
-class ArrivalRate:
-    """New transactions a second: ``per_second`` smoothed over the last few polls (it paces
-    them), and ``steady`` over the polls of the last LOAD_WINDOW_MS, the window status
-    measures the load over (it judges the load: one poll that read a backlog, or little, must
-    not move it)."""
-
-    def __init__(self):
-        self.per_second: float | None = None
-        self.steady: float | None = None
-        self._last: float | None = None
-        self._recent: deque[tuple[float, int, float]] = deque()  # (at, arrived, seconds)
-
-    def observe(self, arrived: int, now: float) -> None:
-        if self._last is not None and now > self._last:
-            sample = arrived / (now - self._last)
-            self.per_second = sample if self.per_second is None else (self.per_second + sample) / 2
-            self._recent.append((now, arrived, now - self._last))
-            while now - self._recent[0][0] > LOAD_WINDOW_MS / 1000:
-                self._recent.popleft()
-            seconds = sum(poll[2] for poll in self._recent)
-            self.steady = sum(poll[1] for poll in self._recent) / seconds if seconds else None
-        self._last = now
-
-
-def _next_cursor(
-    full: bool,
-    start: int,
-    page: int,
-    as_of: int,
-    end: int,
-    items: int | None,
-    starts: list,
-    listing: list,
-    ingested: IngestResult,
-) -> dict:
-    """The cursor after a page of [start, end]: the next page, or this page again next time.
-
-    A short page of ``items`` records ends nothing: everything up to ``end`` has been read, and
-    the next run asks for the same page of the same window with a later end (``page_held``
-    records come back at its start). So the window stays open and its start stays about
-    ``overlap`` behind, where a page that repeats more known records than it held shows a late
-    arrival at once. ``items`` None closes the window instead (Syncer._keeps_window_open)."""
-    if not full and items is None:
-        # The window closes: the next one starts where everything is read.
-        start, page, held, starts, as_of = end, 1, 0, [], max(as_of, end)
-    elif not full:
-        as_of = max(as_of, end)
-        held = items
-    else:
-        # Pages come in createdAt order: everything before this page's latest second is read.
-        if ingested.max_created_at is not None:
-            as_of = max(as_of, min(end, ingested.max_created_at // 1000 * 1000))
-        page, held = page + 1, 0
-    return {
-        "window_start": start,
-        "page": page,
-        "page_held": held,
-        "page_starts": starts,
-        "listing": listing,
-        "position": as_of,
-        "as_of": as_of,
-    }
-
-
 def sync(store: Store, options: SyncOptions, **kwargs) -> SyncSummary:
     """Take the store's sync lock and catch up once (``follow=True``: keep following).
 
@@ -660,6 +595,8 @@ def sync(store: Store, options: SyncOptions, **kwargs) -> SyncSummary:
     follow = kwargs.pop("follow", False)
     standby = kwargs.pop("standby", False)
     if follow and standby and store.shares_leadership:
+        from .leadership import lead_or_stand_by
+
         return lead_or_stand_by(store, options, **kwargs)
     with store.sync_lock():
         syncer = Syncer(store, options, **kwargs)
@@ -667,82 +604,3 @@ def sync(store: Store, options: SyncOptions, **kwargs) -> SyncSummary:
             return syncer.follow() if follow else syncer.run()
         finally:
             syncer.close()
-
-
-def lead_or_stand_by(store: Store, options: SyncOptions, **kwargs) -> SyncSummary:
-    """Follow while this process holds the store's sync lease; stand by while another does.
-
-    Standing by, it asks for the lease every ``retry`` seconds (a tenth of ``options.lease``),
-    records itself in the store (``standby_seen``, for status) and says who leads each time the
-    leader or its epoch changes. Leading, a write that finds the lease lost (SyncLocked: this
-    process was paused or cut off past its lease and another took over) or a connection lost
-    to the database ends the term: nothing more is written, and it stands by again. Returns
-    when ``stop`` is set: the summary of every term led, added up (an empty one if none)."""
-    from .store.postgres import owner_id
-
-    stop = kwargs.get("stop") or threading.Event()
-    kwargs["stop"] = stop
-    timings = store.lease_timings(options.lease)
-    me = owner_id()
-    summary = SyncSummary()
-    said: tuple | None = None
-    while not stop.is_set():
-        leading = False
-        try:
-            with store.lock("sync", lease=options.lease):
-                leading = True
-                said = None
-                _quietly(store.standby_gone, me)
-                leader = store.leadership()
-                log.info(
-                    "leading: epoch %s, lease %g s (renewed every %g s)",
-                    leader["epoch"],
-                    timings.ttl,
-                    timings.renew,
-                    extra={"event": "leading", "epoch": leader["epoch"]},
-                )
-                syncer = Syncer(store, options, **kwargs)
-                try:
-                    syncer.follow()
-                finally:
-                    summary.add_term(syncer.summary)  # a term ended by a lost lease, too
-                    syncer.close()
-                return summary
-        except SyncLocked as error:
-            if leading:
-                log.warning("stepping down: %s", error, extra={"event": "stepDown"})
-        except StoreUnreachable as error:
-            log.warning(
-                "%s; %s",
-                error,
-                "stepping down" if leading else "standing by",
-                extra={"event": "stepDown" if leading else "unreachable"},
-            )
-        try:
-            leader = store.leadership()
-            store.standby_seen(me)
-        except StoreUnreachable:
-            stop.wait(timings.retry)
-            continue
-        seen = (leader["owner"], leader["epoch"])
-        if seen != said and leader["active"]:
-            said = seen
-            until = leader["leaseUntilMs"]
-            log.info(
-                "standing by: leader %s epoch %s, lease until %s",
-                leader["owner"],
-                leader["epoch"],
-                "?" if until is None else format_instant(until),
-                extra={"event": "standby", "leader": leader["owner"], "epoch": leader["epoch"]},
-            )
-        stop.wait(timings.retry)
-    _quietly(store.standby_gone, me)
-    return summary
-
-
-def _quietly(action: Callable[[str], None], argument: str) -> None:
-    """A standby's bookkeeping: not worth failing over."""
-    try:
-        action(argument)
-    except StoreError:
-        pass

@@ -13,7 +13,10 @@ PostgreSQL). The modules, each one responsibility:
 - ``sqlite``: the SQLite store (one file in WAL mode): opening, transactions, locks, state,
   the shared rate budget, queries;
 - ``postgres``: the PostgreSQL store (``--db postgresql://...``, the ``postgres`` extra): the
-  same tables and steps in a database every machine shares, imported only when a URL asks.
+  same tables and steps in a database every machine shares, imported only when a URL asks;
+  with ``postgres_schema`` (its tables and migrations), ``postgres_lease`` (the lease behind
+  its locks, the session settings it sets), ``postgres_connect`` (connections, what psycopg's
+  errors mean) and ``postgres_ingest`` (the ingest steps on a psycopg cursor).
 
 Everything the rest of txagg uses is importable from here, so no caller names a backend.
 """
