@@ -86,6 +86,54 @@ def test_a_stale_leaders_commit_cannot_land(pg_url):
         assert second.user_totals("000001").tx_count == 2
 
 
+def test_a_holder_stalled_inside_a_statement_is_ended_once_its_lease_ran_out(pg_url, caplog):
+    """A holder stopped in the middle of the protocol (between two messages of a statement:
+    its session is not idle, so no idle-in-transaction timeout ends it) keeps its locks, and a
+    server that cannot hear the cut keeps them for hours. Here a statement that does not end
+    (pg_sleep) stands in for it: once the lease has run out, the process asking for it ends
+    that session and takes over; nobody waits on it longer than the lease."""
+    with Store.open(pg_url) as first, Store.open(pg_url) as second, ExitStack() as held:
+        held.enter_context(first.lock("sync", lease=3.0))
+        lease = first._leases["sync"]
+        lease.stopping.set()  # the renewals stop ...
+        lease.thread.join()
+        inside = threading.Event()
+        outcome: list[BaseException | None] = []
+
+        def stalled() -> None:  # ... while a write transaction is stuck in a statement
+            try:
+                with first.transaction() as steps:
+                    inside.set()
+                    steps.execute("SELECT pg_sleep(120)")
+                outcome.append(None)
+            except BaseException as error:  # noqa: BLE001 (what the stalled write raised)
+                outcome.append(error)
+
+        writer = threading.Thread(target=stalled)
+        writer.start()
+        held.callback(writer.join)
+        assert inside.wait(30)
+
+        def taken() -> bool:
+            try:
+                held.enter_context(second.lock("sync", lease=3.0))
+                return True
+            except SyncLocked:
+                return False
+
+        began = time.monotonic()
+        with caplog.at_level("WARNING"):
+            wait_for(taken, timeout=60, every=0.3)
+        # the lease runs 1.5 s: taken well before the stuck statement would have ended
+        assert time.monotonic() - began < 15
+        assert "ended the session" in caplog.text
+        second.ingest([record(5)], state={"position": 5})
+        writer.join(30)
+        assert outcome and isinstance(outcome[0], StoreError), outcome
+        assert second.state_value("position") == 5
+        assert run_sql(pg_url, "SELECT epoch FROM store_locks WHERE name = 'sync'") == [(2,)]
+
+
 def test_a_term_ended_by_a_lost_lease_counts_in_the_summary(pg_url, start_mock):
     """A leader whose lease is taken from it stands by; stopped, its summary adds up every
     term it led: what it stored before the lease was lost counts."""

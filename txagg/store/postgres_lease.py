@@ -11,10 +11,16 @@ settings its timings set.
 - Sessions: ``lock_timeout`` below the lease on every connection, and on the writers'
   ``idle_in_transaction_session_timeout``, so a holder stopped inside a transaction (SIGSTOP, a
   partition) is ended by the server and its locks freed before anyone waited a lease on it.
+- A holder stopped in the middle of a statement's messages is not idle to the server, which
+  ends it only when TCP says its peer is gone (hours, by default): its transaction keeps the
+  lease row and the write lock. A process that finds the lease run out but its row locked ends
+  the sessions holding the store's write lock (``_END_STALLED``), as the holder's own timeouts
+  would have, and takes the lease.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -30,6 +36,8 @@ from .postgres_schema import LOCKS_TABLE
 
 if TYPE_CHECKING:
     from .postgres import PostgresStore
+
+log = logging.getLogger("txagg.store")
 
 LOCK_TTL_SECONDS = 15.0  # a lease not renewed for this long is free (a hung or cut-off holder)
 LOCK_RENEW_SECONDS = 5.0  # how often the holder renews it
@@ -61,6 +69,16 @@ _RENEW = f"""
 _FENCE = f"""
     UPDATE {LOCKS_TABLE} SET expires_at = greatest(expires_at, now() + make_interval(secs => %s))
     WHERE name = %s AND owner = %s AND epoch = %s"""
+# The sessions holding the store's write lock (an advisory lock: the two keys of
+# PostgresStore._write_key, as oids), ended once the lease they wrote under has run out: a writer
+# takes the write lock before it checks the lease, so whoever holds the lease row locked holds
+# the write lock too.
+_END_STALLED = f"""
+    SELECT pid, pg_terminate_backend(pid) FROM pg_locks
+    WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND pid <> pg_backend_pid()
+        AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+        AND classid = %(high)s::oid AND objid = %(low)s::oid
+        AND EXISTS (SELECT 1 FROM {LOCKS_TABLE} WHERE name = %(name)s AND expires_at <= now())"""
 _RELEASE = f"""
     UPDATE {LOCKS_TABLE} SET expires_at = '-infinity', holder_pid = NULL
     WHERE name = %s AND owner = %s AND epoch = %s"""
@@ -140,14 +158,7 @@ class _Lease:
             raise _connect_error(error, self.store.url) from None
         try:
             params = {"name": self.name, "owner": self.owner, "ttl": self.ttl}
-            try:
-                row = self.conn.execute(_ACQUIRE, params).fetchone()
-            except (pg_errors.LockNotAvailable, pg_errors.QueryCanceled):
-                # the row is locked by its holder's transaction (a stopped holder's until the
-                # server ends its session): held, for now
-                raise SyncLocked(
-                    f"another {self.name} is working on {self.store.path}; try again later"
-                ) from None
+            row = self._ask(params, end_stalled=True)
             if row is None:
                 holder = self.conn.execute(
                     f"SELECT owner FROM {LOCKS_TABLE} WHERE name = %s", (self.name,)
@@ -167,6 +178,37 @@ class _Lease:
             target=self._renew, name=f"txagg-{self.name}-lease", daemon=True
         )
         self.thread.start()
+
+    def _ask(self, params: dict, end_stalled: bool) -> tuple | None:
+        """The lease's row after asking for it: its epoch if taken, None if held by another.
+        A row locked by its holder's transaction is held, for now, unless the lease ran out:
+        then that holder is stalled and ended (``_end_stalled``), and the lease asked again
+        (its lock is freed as the session ends: the ask waits for it)."""
+        try:
+            return self.conn.execute(_ACQUIRE, params).fetchone()
+        except (pg_errors.LockNotAvailable, pg_errors.QueryCanceled):
+            if end_stalled and self._end_stalled():
+                return self._ask(params, end_stalled=False)
+            raise SyncLocked(
+                f"another {self.name} is working on {self.store.path}; try again later"
+            ) from None
+
+    def _end_stalled(self) -> bool:
+        """End the sessions that hold the store's write lock under a lease that ran out;
+        whether there were any (their locks are freed as they end)."""
+        high, low = self.store._write_key
+        ended = self.conn.execute(
+            _END_STALLED, {"name": self.name, "high": high, "low": low & 0xFFFFFFFF}
+        ).fetchall()
+        for pid, _signalled in ended:
+            log.warning(
+                "ended the session %s of the %s lease's last holder: it held the store's "
+                "write lock after its lease ran out (stalled inside a statement)",
+                pid,
+                self.name,
+                extra={"event": "endedStalled", "pid": pid},
+            )
+        return bool(ended)
 
     def _renew(self) -> None:
         """Renew every ``renew`` seconds until released or lost; a dropped connection is
