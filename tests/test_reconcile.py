@@ -12,10 +12,10 @@ import httpx
 import pytest
 from conftest import FakeClock, FakeUpstream
 
+from txagg.models import format_timestamp
 from txagg.settings import LOAD_WINDOW_MS, POLL_FILL_MARGIN
 from txagg.store import Store
 from txagg.sync import Syncer, SyncOptions
-from txagg.window import ArrivalRate
 
 BASE_S = 1_700_000_000
 PAGE = 10
@@ -279,26 +279,49 @@ def test_following_at_a_heavy_load_a_short_page_closes_the_window(tmp_path, load
         assert stored_ids(store) == {tx_id for tx_id, _, _ in items}
 
 
-def test_the_load_is_judged_over_minutes_not_by_one_poll():
-    """ArrivalRate: ``per_second`` (pacing) follows the last polls; ``steady`` (the load that
-    decides the window and what a search may borrow) is over LOAD_WINDOW_MS, so one poll that
-    found little, or a backlog, does not flip it."""
-    rate = ArrivalRate()
-    heavy = 0.8 * 5000 / 60
-    now = 0.0
-    rate.observe(0, now)
-    for _ in range(40):  # 10 minutes at 80%, a poll every 15 s
-        now += 15
-        rate.observe(round(heavy * 15), now)
-    assert rate.steady == pytest.approx(heavy, rel=0.01)
-    now += 15
-    rate.observe(0, now)  # a poll that found nothing
-    assert rate.per_second < 0.6 * heavy
-    assert rate.steady > 0.9 * heavy
-    for _ in range(int(LOAD_WINDOW_MS / 1000 / 15) + 1):  # then a window's worth at 20%
-        now += 15
-        rate.observe(round(heavy / 4 * 15), now)
-    assert rate.steady == pytest.approx(heavy / 4, rel=0.01)
+@pytest.mark.parametrize("load", [0.2, 0.8])
+def test_the_load_is_what_the_store_holds_not_what_the_last_polls_read(tmp_path, load):
+    """The load (it decides the window and what a search may borrow) is the records a second
+    the store holds of the last LOAD_WINDOW_MS by createdAt, as status measures it: a poll
+    that read a backlog (a follower that started behind), or one that found nothing, moves
+    the pacing rate, not the load."""
+    minutes = LOAD_WINDOW_MS // 60_000
+    clock = FakeClock(BASE_S + minutes * 60 + 5)
+    with Store.open(tmp_path / "s.db") as store:
+        sync = syncer(store, Recorded([], clock, True, True), clock, rate_limit=5, per=60)
+        sync.following = True
+        sync.options = options(rate_limit=5, per=60, page_size=100)  # 500 a minute at most
+        per_minute = round(load * 500)
+        records = [
+            {
+                "id": f"tx{n}",
+                "userId": "u1",
+                "createdAt": format_timestamp(BASE_S * 1000 + n * 60_000 // per_minute),
+                "type": "earned",
+                "amount": 1,
+            }
+            for n in range(minutes * per_minute)
+        ]
+        as_of = (BASE_S + minutes * 60) * 1000
+        for first in range(0, len(records), 1000):
+            store.ingest(records[first : first + 1000], state={"as_of": as_of})
+        sync._judge_load()
+        assert sync.arrivals.steady == pytest.approx(per_minute / 60, rel=0.01)
+        light = sync._light_load()
+        assert light is (load == 0.2)
+        # the last polls read the whole backlog in a minute, then found nothing
+        sync.arrivals.observe(0, clock.now - 60)
+        sync.arrivals.observe(len(records), clock.now)
+        assert sync.arrivals.per_second > 5 * per_minute / 60
+        sync._judge_load()
+        assert sync._light_load() is light
+        sync.arrivals.observe(0, clock.now + 15)
+        sync._judge_load()
+        assert sync._light_load() is light
+        # under a minute of the upstream's time since the store starts: unknown, light
+        sync.options = options(rate_limit=5, per=60, page_size=100, since=as_of - 30_000)
+        sync._judge_load()
+        assert sync.arrivals.steady is None and sync._light_load()
 
 
 @pytest.mark.parametrize("load", [0.2, 0.8])

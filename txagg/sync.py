@@ -48,6 +48,7 @@ from .settings import (  # noqa: F401 (PAGE_SIZE, MAX_RESPONSE_BYTES re-exported
     BORROW_UP_TO_LOAD,
     IDLE_BUDGET_SHORT,
     LATE_AGES_KEPT,
+    LOAD_WINDOW_MS,
     MAX_RESPONSE_BYTES,
     MAX_UNRELIABLE_BACKOFF,
     MIN_CHECK_SECONDS,
@@ -133,6 +134,17 @@ class Syncer:
             return True
         pages = per_second * options.per / options.page_size  # pages a budget period brings
         return pages <= BORROW_UP_TO_LOAD * options.rate_limit
+
+    def _judge_load(self) -> None:
+        """The load (``arrivals.steady``): the records a second the store holds of the last
+        LOAD_WINDOW_MS before ``as_of`` (or since the store starts, if later), by createdAt;
+        unknown over less than a minute."""
+        as_of = self.store.state_value("as_of")
+        low = None if as_of is None else max(self.options.since, as_of - LOAD_WINDOW_MS)
+        if low is None or as_of - low < 60_000:
+            self.arrivals.steady = None
+            return
+        self.arrivals.steady = self.store.count_window(low, as_of)[1] * 1000 / (as_of - low)
 
     def _keeps_window_open(self) -> bool:
         """Whether a short page leaves the window open (asked for again next time). Following
@@ -498,6 +510,7 @@ class Syncer:
                 if self.summary.complete is False and self.options.max_requests is not None:
                     break
                 rate.observe(self.summary.new - new_before, self.clock())
+                self._judge_load()
             except UpstreamError as error:
                 self._report_error(error)
                 check = False  # the upstream is failing: no extra requests until it answers

@@ -5,33 +5,25 @@ plain data out: ``sync.Syncer`` reads pages and commits what these say, with eac
 
 from __future__ import annotations
 
-from collections import deque
-
-from .settings import LOAD_WINDOW_MS
 from .store import IngestResult
 
 
 class ArrivalRate:
     """New transactions a second: ``per_second`` smoothed over the last few polls (it paces
-    them), and ``steady`` over the polls of the last LOAD_WINDOW_MS, the window status
-    measures the load over (it judges the load: one poll that read a backlog, or little, must
-    not move it)."""
+    them), and ``steady``, the load (it decides the window and what a search may borrow):
+    what the store holds of the last LOAD_WINDOW_MS of the upstream's time, by createdAt, as
+    status measures it (``Syncer._judge_load`` sets it after each poll). A poll that read a
+    backlog, or little, moves ``per_second`` but not the load."""
 
     def __init__(self):
         self.per_second: float | None = None
         self.steady: float | None = None
         self._last: float | None = None
-        self._recent: deque[tuple[float, int, float]] = deque()  # (at, arrived, seconds)
 
     def observe(self, arrived: int, now: float) -> None:
         if self._last is not None and now > self._last:
             sample = arrived / (now - self._last)
             self.per_second = sample if self.per_second is None else (self.per_second + sample) / 2
-            self._recent.append((now, arrived, now - self._last))
-            while now - self._recent[0][0] > LOAD_WINDOW_MS / 1000:
-                self._recent.popleft()
-            seconds = sum(poll[2] for poll in self._recent)
-            self.steady = sum(poll[1] for poll in self._recent) / seconds if seconds else None
         self._last = now
 
 
