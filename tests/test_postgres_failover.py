@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 
 import psycopg
@@ -30,49 +31,67 @@ FAULTS = "error=0.05,reset=0.03,truncate=0.03,duplicate=0.05"
 # ---------------------------------------------------------------- fencing, directly
 
 
+def stalled_holder(first: Store, held: ExitStack, stall: Callable[[object], None]) -> list:
+    """``first`` takes the sync lease (3 s) and stops renewing it (a pause) while one of its
+    write transactions is stalled in ``stall(steps)``; returns a list that gets what that
+    transaction raised (None: nothing) once it ends."""
+    held.enter_context(first.lock("sync", lease=3.0))
+    lease = first._leases["sync"]
+    lease.stopping.set()
+    lease.thread.join()
+    inside = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            with first.transaction() as steps:
+                inside.set()
+                stall(steps)
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 (what the stalled write raised)
+            outcome.append(error)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    held.callback(writer.join)
+    assert inside.wait(30)
+    return outcome
+
+
+def take_over(second: Store, held: ExitStack, timeout: float) -> float:
+    """Seconds until ``second`` holds the sync lease (3 s), asking every 0.3 s."""
+
+    def taken() -> bool:
+        try:
+            held.enter_context(second.lock("sync", lease=3.0))
+            return True
+        except SyncLocked:
+            return False
+
+    began = time.monotonic()
+    wait_for(taken, timeout=timeout, every=0.3)
+    return time.monotonic() - began
+
+
 def test_a_stale_leaders_commit_cannot_land(pg_url):
     """The first holder is paused past its lease (its renewal stops) while inside a write
     transaction: the server ends its session, the second takes the lease, and whatever the
     first does when it wakes raises and writes nothing."""
     with Store.open(pg_url) as first, Store.open(pg_url) as second, ExitStack() as held:
-        held.enter_context(first.lock("sync", lease=3.0))
         first.ingest([record(1)], state={"position": 1})
-        lease = first._leases["sync"]
-        lease.stopping.set()  # the pause: no more renewals ...
-        lease.thread.join()
-        paused, wake = threading.Event(), threading.Event()
-        outcome: list[BaseException | None] = []
+        wake = threading.Event()
 
-        def stalled_write() -> None:  # ... and a transaction left open meanwhile
-            try:
-                with first.transaction() as conn:
-                    conn.execute("UPDATE sync_state SET value = '99' WHERE name = 'position'")
-                    paused.set()
-                    wake.wait(60)
-                outcome.append(None)
-            except BaseException as error:  # noqa: BLE001 (what the commit raised)
-                outcome.append(error)
+        def left_open(steps) -> None:  # a transaction left open meanwhile
+            steps.execute("UPDATE sync_state SET value = '99' WHERE name = 'position'")
+            wake.wait(60)
 
-        writer = threading.Thread(target=stalled_write)
-        writer.start()
-        held.callback(writer.join)
+        outcome = stalled_holder(first, held, left_open)
         held.callback(wake.set)
-        assert paused.wait(30)
-
-        def taken() -> bool:
-            try:
-                held.enter_context(second.lock("sync", lease=3.0))
-                return True
-            except SyncLocked:
-                return False
-
-        began = time.monotonic()
-        wait_for(taken, timeout=30)
         # the stopped transaction was ended by the server: nobody waited a lease on it
-        assert time.monotonic() - began < 6
+        assert take_over(second, held, timeout=30) < 6
         second.ingest([record(3)], state={"position": 3})
         wake.set()
-        writer.join()
+        wait_for(lambda: outcome, timeout=30)
         assert isinstance(outcome[0], StoreError), outcome
         with pytest.raises(SyncLocked, match="lost the sync lock"):
             first.ingest([record(2)], state={"position": 2})
@@ -93,43 +112,14 @@ def test_a_holder_stalled_inside_a_statement_is_ended_once_its_lease_ran_out(pg_
     (pg_sleep) stands in for it: once the lease has run out, the process asking for it ends
     that session and takes over; nobody waits on it longer than the lease."""
     with Store.open(pg_url) as first, Store.open(pg_url) as second, ExitStack() as held:
-        held.enter_context(first.lock("sync", lease=3.0))
-        lease = first._leases["sync"]
-        lease.stopping.set()  # the renewals stop ...
-        lease.thread.join()
-        inside = threading.Event()
-        outcome: list[BaseException | None] = []
-
-        def stalled() -> None:  # ... while a write transaction is stuck in a statement
-            try:
-                with first.transaction() as steps:
-                    inside.set()
-                    steps.execute("SELECT pg_sleep(120)")
-                outcome.append(None)
-            except BaseException as error:  # noqa: BLE001 (what the stalled write raised)
-                outcome.append(error)
-
-        writer = threading.Thread(target=stalled)
-        writer.start()
-        held.callback(writer.join)
-        assert inside.wait(30)
-
-        def taken() -> bool:
-            try:
-                held.enter_context(second.lock("sync", lease=3.0))
-                return True
-            except SyncLocked:
-                return False
-
-        began = time.monotonic()
+        outcome = stalled_holder(first, held, lambda steps: steps.execute("SELECT pg_sleep(120)"))
         with caplog.at_level("WARNING"):
-            wait_for(taken, timeout=60, every=0.3)
-        # the lease runs 1.5 s: taken well before the stuck statement would have ended
-        assert time.monotonic() - began < 15
+            # the lease runs 1.5 s: taken well before the stuck statement would have ended
+            assert take_over(second, held, timeout=60) < 15
         assert "ended the session" in caplog.text
         second.ingest([record(5)], state={"position": 5})
-        writer.join(30)
-        assert outcome and isinstance(outcome[0], StoreError), outcome
+        wait_for(lambda: outcome, timeout=30)
+        assert isinstance(outcome[0], StoreError), outcome
         assert second.state_value("position") == 5
         assert run_sql(pg_url, "SELECT epoch FROM store_locks WHERE name = 'sync'") == [(2,)]
 
