@@ -124,6 +124,28 @@ def test_a_holder_stalled_inside_a_statement_is_ended_once_its_lease_ran_out(pg_
         assert run_sql(pg_url, "SELECT epoch FROM store_locks WHERE name = 'sync'") == [(2,)]
 
 
+def test_a_stalled_holder_that_cannot_be_ended_is_held_not_a_crash(pg_url, caplog, monkeypatch):
+    """Ending a stalled holder's session can fail (it runs as another role, which this one
+    may not signal): the lease is then held, as before, with a warning saying why."""
+    from txagg.store import postgres_lease
+
+    refused = "SELECT 1, 1 / 0 WHERE %(name)s <> '' AND %(high)s > 0 AND %(low)s >= 0"
+    monkeypatch.setattr(postgres_lease, "_END_STALLED", refused)
+    with Store.open(pg_url) as first, Store.open(pg_url) as second, ExitStack() as held:
+        stalled_holder(first, held, lambda steps: steps.execute("SELECT pg_sleep(60)"))
+        expired = "SELECT expires_at <= now() FROM store_locks WHERE name = 'sync'"
+        wait_for(lambda: run_sql(pg_url, expired) == [(True,)], timeout=30)
+        with caplog.at_level("WARNING"), pytest.raises(SyncLocked, match="try again later"):
+            second.lock("sync", lease=3.0).__enter__()
+        assert "cannot end the stalled session" in caplog.text
+        assert "division by zero" in caplog.text
+        run_sql(  # the stalled statement ends here, not in a minute
+            pg_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+            "current_database() AND query = 'SELECT pg_sleep(60)' AND pid <> pg_backend_pid()",
+        )
+
+
 def test_a_term_ended_by_a_lost_lease_counts_in_the_summary(pg_url, start_mock):
     """A leader whose lease is taken from it stands by; stopped, its summary adds up every
     term it led: what it stored before the lease was lost counts."""

@@ -197,9 +197,18 @@ class _Lease:
         """End the sessions that hold the store's write lock under a lease that ran out;
         whether there were any (their locks are freed as they end)."""
         high, low = self.store._write_key
-        ended = self.conn.execute(
-            _END_STALLED, {"name": self.name, "high": high, "low": low & 0xFFFFFFFF}
-        ).fetchall()
+        try:
+            ended = self.conn.execute(
+                _END_STALLED, {"name": self.name, "high": high, "low": low & 0xFFFFFFFF}
+            ).fetchall()
+        except psycopg.Error as error:  # e.g. not allowed to: another role's session
+            log.warning(
+                "cannot end the stalled session holding the %s lease's write lock: %s",
+                self.name,
+                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
+                extra={"event": "endStalledFailed"},
+            )
+            return False
         for pid, _signalled in ended:
             log.warning(
                 "ended the session %s of the %s lease's last holder: it held the store's "
