@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--load", type=float, default=0.8, help="share of 5000 tx/min")
     parser.add_argument("--minutes", type=float, default=30, help="simulated minutes")
     parser.add_argument("--scale", type=float, default=10)
+    parser.add_argument("--seed", type=int, default=42, help="the mock's seed")
     parser.add_argument("--faults", default="", help="a --faults spec, or 'default'")
     parser.add_argument(
         "--late-per-minute", type=float, default=0.0, help="late arrivals a simulated minute"
@@ -76,7 +77,7 @@ def main() -> None:
         "--history",
         "20000",
         "--seed",
-        "42",
+        str(args.seed),
         "--tx-per-minute",
         str(5000 * args.load),
         "--live-for",
